@@ -1,0 +1,148 @@
+"""The interfaces between the parts of ``delivery``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import attrs
+from twisted.internet.defer import Deferred
+from zope.interface import Interface
+
+from .events import Event, StoredEvent
+from .records import (
+    QueuedEvent,
+    ServiceRecord,
+    ServiceSummary,
+    StoredTransaction,
+)
+
+
+class IEventSource(Interface):
+    """Where the sorter reads events from, in stream order."""
+
+    def events_after(position: int, limit: int) -> Deferred[Sequence[StoredEvent]]:
+        """
+        Up to ``limit`` events with a stream position above ``position``, in increasing
+        stream order. Positions are positive integers, strictly increasing.
+        """
+
+
+class IStore(IEventSource):
+    """
+    Everything the pipeline persists. Every method is one database transaction: it
+    happens completely or not at all.
+    """
+
+    def open() -> Deferred[None]:
+        """Connect and bring the schema up to date (versioned migrations)."""
+
+    def close() -> Deferred[None]:
+        """Release every connection."""
+
+    def insert_events(events: Sequence[Event], now: float) -> Deferred[list[int]]:
+        """
+        Store a batch of events; their stream positions, in order. An event whose
+        ``event_id`` is stored already is left alone and its first position returned.
+        """
+
+    def sorter_position() -> Deferred[int]:
+        """The stream position up to which events have been routed (0 at first)."""
+
+    def commit_sorted(
+        position: int,
+        queue: Sequence[tuple[str, int]],
+        new_events: Sequence[StoredEvent],
+    ) -> Deferred[None]:
+        """
+        Add ``(service_id, stream_id)`` rows to the service queues and move the sorter
+        position to ``position``, atomically. ``new_events`` (from an outside event
+        source) are stored at their own positions in the same transaction.
+        """
+
+    def ensure_services(service_ids: Sequence[str]) -> Deferred[None]:
+        """Create a record for each service not known yet."""
+
+    def services() -> Deferred[dict[str, ServiceRecord]]:
+        """Every service record, by id."""
+
+    def queued(service_id: str, after: int, limit: int) -> Deferred[list[QueuedEvent]]:
+        """The oldest ``limit`` queued events of a service above position ``after``."""
+
+    def store_transaction(
+        service_id: str,
+        first_stream_id: int,
+        last_stream_id: int,
+        event_count: int,
+        body: bytes,
+        now: float,
+    ) -> Deferred[int]:
+        """
+        Store a transaction with the service's next id and take its events (the queued
+        events of the service from ``first_stream_id`` to ``last_stream_id``) out of the
+        queue; the new id.
+        """
+
+    def oldest_transaction(service_id: str) -> Deferred[StoredTransaction | None]:
+        """The service's stored transaction with the lowest id, if any."""
+
+    def transactions(service_id: str, after: int, limit: int) -> Deferred[list[StoredTransaction]]:
+        """Stored transactions of a service with an id above ``after``, oldest first."""
+
+    def complete_transaction(service_id: str, txn_id: int, now: float) -> Deferred[None]:
+        """The receiver acknowledged the transaction: forget it, note the success."""
+
+    def record_failure(
+        service_id: str,
+        txn_id: int,
+        attempt_ts: float,
+        error: str,
+        failure_count: int,
+        next_retry_ts: float | None,
+    ) -> Deferred[None]:
+        """Note a failed attempt on the transaction and on the service."""
+
+    def set_state(service_id: str, state: str) -> Deferred[None]:
+        """Remember the service's state."""
+
+    def summary(service_id: str) -> Deferred[ServiceSummary]:
+        """What is pending for the service."""
+
+
+@attrs.frozen
+class SendResult:
+    """
+    The outcome of one request to a receiver.
+
+    ``status`` is the HTTP status, or None when no answer came (connection refused or
+    reset, timeout); ``error`` says what went wrong in words an operator can act on;
+    ``retry_after`` is the receiver's ``Retry-After`` in seconds from now, if it gave one.
+    """
+
+    ok: bool
+    status: int | None = None
+    error: str | None = None
+    retry_after: float | None = None
+    duration: float = 0.0
+
+
+class ISender(Interface):
+    """Sends one service's transactions over its wire protocol."""
+
+    def send(txn: StoredTransaction) -> Deferred[SendResult]:
+        """Send a stored transaction. Never fails: the outcome is in the result."""
+
+    def ping() -> Deferred[SendResult]:
+        """Check whether the receiver answers at all."""
+
+
+class IDeliveryObserver(Interface):
+    """
+    Told what the pipeline does, as it happens (for metrics, logs and tests). Methods are
+    called in the reactor thread and must not block; an exception is logged and ignored.
+    """
+
+    def state_changed(service_id: str, old: str, new: str, reason: str | None) -> None:
+        """The service went from state ``old`` to ``new`` (``reason``: the error, if any)."""
+
+    def transaction_done(service_id: str, txn: StoredTransaction, result: SendResult) -> None:
+        """An attempt to send ``txn`` ended with ``result``."""

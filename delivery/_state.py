@@ -1,0 +1,135 @@
+"""
+The state of one application service, as an automat machine.
+
+::
+
+    UP ──failed──▶ DOWN ──retry (wait over, probe answered, retry now)──▶ RECOVERING
+     ▲                ▲                                                        │
+     │                └─────────────────────────failed─────────────────────────┤
+     └──────────────────────────────caught_up──────────────────────────────────┘
+
+UP: the TransactionMaker cuts and sends as events arrive. DOWN: nothing is sent; the
+Recoverer waits (backoff, probes). RECOVERING: the Recoverer resends the stored
+transactions, oldest first, then full batches, then declares the service caught up.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from typing import Protocol
+
+import attrs
+from automat import TypeMachineBuilder
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
+
+from ._interfaces import ISender, SendResult
+from .records import StoredTransaction
+from .registration import Registration
+
+
+class State(str, enum.Enum):
+    UP = "up"
+    DOWN = "down"
+    RECOVERING = "recovering"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class ServiceMachine(Protocol):
+    def failed(self, result: SendResult, txn: StoredTransaction | None) -> None:
+        """A send of ``txn`` failed (or the pipeline did, with no ``txn``): wait."""
+
+    def retry(self) -> None:
+        """The wait is over (backoff elapsed, probe answered, or retry now)."""
+
+    def caught_up(self) -> None:
+        """Recovery resent everything stored and drained the backlog."""
+
+
+@attrs.define
+class ServiceCore:
+    """What the machine acts on: the current state, and what to do on entering one."""
+
+    service_id: str
+    enter_down: Callable[[State, SendResult, StoredTransaction | None], None]
+    enter_recovering: Callable[[], None]
+    enter_up: Callable[[], None]
+    state: State = State.UP
+
+
+_builder = TypeMachineBuilder(ServiceMachine, ServiceCore)
+_up = _builder.state("up")
+_down = _builder.state("down")
+_recovering = _builder.state("recovering")
+
+
+@_up.upon(ServiceMachine.failed).to(_down)
+@_recovering.upon(ServiceMachine.failed).to(_down)
+def _fail(
+    machine: ServiceMachine,
+    core: ServiceCore,
+    result: SendResult,
+    txn: StoredTransaction | None,
+) -> None:
+    old, core.state = core.state, State.DOWN
+    core.enter_down(old, result, txn)
+
+
+@_down.upon(ServiceMachine.retry).to(_recovering)
+def _retry(machine: ServiceMachine, core: ServiceCore) -> None:
+    core.state = State.RECOVERING
+    core.enter_recovering()
+
+
+@_recovering.upon(ServiceMachine.caught_up).to(_up)
+def _caught_up(machine: ServiceMachine, core: ServiceCore) -> None:
+    core.state = State.UP
+    core.enter_up()
+
+
+# Asking an UP or RECOVERING service to retry changes nothing: it is sending already.
+_up.upon(ServiceMachine.retry).loop().returns(None)
+_recovering.upon(ServiceMachine.retry).loop().returns(None)
+
+_Machine = _builder.build()
+_STATES = {State.UP: _up, State.DOWN: _down, State.RECOVERING: _recovering}
+
+
+def service_machine(core: ServiceCore) -> ServiceMachine:
+    """A machine for ``core``, starting in ``core.state``."""
+    return _Machine(core, _STATES[core.state])
+
+
+@attrs.define(eq=False)
+class ServiceHandle:
+    """Everything the pipeline keeps in memory about one service while it runs."""
+
+    registration: Registration
+    sender: ISender
+    core: ServiceCore
+    machine: ServiceMachine
+    #: failed attempts in a row (0 when UP)
+    failure_count: int = 0
+    last_error: str | None = None
+    next_retry_ts: float | None = None
+    #: the one loop that sends for this service, while it runs
+    loop: Deferred[None] | None = None
+    #: the request in flight, while there is one
+    in_flight: Deferred[SendResult] | None = None
+    #: events arrived since the loop last looked
+    wanted: bool = False
+    retry_call: IDelayedCall | None = None
+    probe_call: IDelayedCall | None = None
+    probing: Deferred[SendResult] | None = None
+
+    @property
+    def id(self) -> str:
+        return self.registration.id
+
+    @property
+    def state(self) -> State:
+        return self.core.state

@@ -1,0 +1,48 @@
+"""
+Errors a user of ``delivery`` can cause, each with a message that names the thing and the fix.
+"""
+
+from __future__ import annotations
+
+
+class DeliveryError(Exception):
+    """Base class of the errors ``delivery`` raises for a caller's mistake."""
+
+
+class InvalidEventError(DeliveryError, ValueError):
+    """
+    An event handed to :meth:`DeliveryService.submit` is not acceptable.
+
+    Nothing of the batch it came in was stored.
+    """
+
+    def __init__(self, index: int, reason: str) -> None:
+        self.index = index
+        self.reason = reason
+        super().__init__(f"event {index}: {reason}")
+
+
+class InvalidRegistrationError(DeliveryError, ValueError):
+    """A registration (file or mapping) is not valid; names the source and the field."""
+
+    def __init__(self, source: str, field: str | None, reason: str) -> None:
+        self.source = source
+        self.field = field
+        self.reason = reason
+        where = f"{source}: field {field!r}" if field else source
+        super().__init__(f"invalid registration {where}: {reason}")
+
+
+class UnknownServiceError(DeliveryError, KeyError):
+    """No registration with this id is known."""
+
+    def __init__(self, service_id: str) -> None:
+        self.service_id = service_id
+        super().__init__(service_id)
+
+    def __str__(self) -> str:
+        return f"no application service with id {self.service_id!r} is registered"
+
+
+class InvalidStoreURLError(DeliveryError, ValueError):
+    """The database URL given to :func:`delivery.store.open_store` cannot be used."""

@@ -1,0 +1,96 @@
+"""
+Events as ``delivery`` keeps them: validated once at ingest, encoded once to compact JSON,
+and never re-encoded (transaction bodies are spliced from the stored bytes).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+
+import attrs
+
+from .errors import InvalidEventError
+from .interest import RoutingFields
+
+#: Matrix caps an event at 64 KiB of JSON; so do we, unless told otherwise.
+DEFAULT_MAX_EVENT_BYTES = 65536
+
+_encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+@attrs.frozen
+class Event:
+    """A validated event: its id, what routes it, and its JSON as stored and sent."""
+
+    event_id: str
+    routing: RoutingFields
+    json: bytes
+
+
+@attrs.frozen
+class StoredEvent:
+    """An event read back from the store, at its stream position."""
+
+    stream_id: int
+    event: Event
+    received_ts: float
+
+    @classmethod
+    def of(
+        cls,
+        stream_id: int,
+        event: Mapping[str, object],
+        received_ts: float = 0.0,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+    ) -> StoredEvent:
+        """An event of an outside event source, validated and encoded."""
+        return cls(stream_id, prepare_one(0, event, max_event_bytes), received_ts)
+
+
+def prepare(events: object, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> list[Event]:
+    """
+    Validate and encode a batch of events.
+
+    :raises InvalidEventError: for the first event that is not acceptable; the whole batch
+        is then refused.
+    """
+    if isinstance(events, (str, bytes, Mapping)) or not isinstance(events, Sequence):
+        raise InvalidEventError(-1, "events must be given as a list of JSON objects")
+    return [prepare_one(i, e, max_event_bytes) for i, e in enumerate(events)]
+
+
+def prepare_one(index: int, event: object, max_event_bytes: int) -> Event:
+    if not isinstance(event, Mapping):
+        raise InvalidEventError(index, f"must be a JSON object, not {type(event).__name__}")
+    event_id = event.get("event_id")
+    if not isinstance(event_id, str) or not event_id:
+        raise InvalidEventError(index, "'event_id' must be a non-empty string")
+    fields = {}
+    for key in ("sender", "room_id", "type", "state_key"):
+        value = event.get(key)
+        if value is not None and not isinstance(value, str):
+            raise InvalidEventError(
+                index, f"{event_id}: {key!r} must be a string, not {type(value).__name__}"
+            )
+        fields[key] = value
+    try:
+        data = _encoder.encode(event).encode("utf-8")
+    except (TypeError, ValueError, UnicodeEncodeError) as e:
+        raise InvalidEventError(index, f"{event_id}: cannot be encoded as JSON: {e}") from None
+    if len(data) > max_event_bytes:
+        raise InvalidEventError(
+            index,
+            f"{event_id}: is {len(data)} bytes of JSON, more than the limit of "
+            f"{max_event_bytes} bytes",
+        )
+    return Event(event_id, RoutingFields(**fields), data)
+
+
+def transaction_body(events: Sequence[bytes]) -> bytes:
+    """The body of a Matrix transaction, spliced from already-encoded events."""
+    return b'{"events":[' + b",".join(events) + b"]}"
+
+
+#: bytes a transaction body has besides its events and the commas between them
+BODY_OVERHEAD = len(transaction_body([]))

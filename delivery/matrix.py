@@ -1,0 +1,192 @@
+"""
+The Matrix application-service wire protocol: ``PUT /_matrix/app/v1/transactions/{txnId}``
+and ``POST /_matrix/app/v1/ping``, over treq with one persistent connection pool.
+"""
+
+from __future__ import annotations
+
+import email.utils
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.error import (
+    ConnectError,
+    ConnectionRefusedError,
+    DNSLookupError,
+)
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import (
+    Agent,
+    HTTPConnectionPool,
+    ResponseDone,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
+from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import IResponse
+from treq.client import HTTPClient
+from zope.interface import implementer
+
+from ._interfaces import ISender, SendResult
+from .registration import Registration
+from .records import StoredTransaction
+
+#: how much of an answer's body is kept (for error messages); the rest is read and dropped
+ANSWER_LIMIT = 4096
+
+
+class _BoundedBody(Protocol):
+    """Reads a response body to its end, keeping at most ``limit`` bytes of it."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.parts: list[bytes] = []
+        self.kept = 0
+        self.finished: Deferred[bytes] = Deferred(self._cancel)
+
+    def _cancel(self, d: Deferred[bytes]) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.kept < self.limit:
+            part = data[: self.limit - self.kept]
+            self.parts.append(part)
+            self.kept += len(part)
+
+    def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
+        if self.finished.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.finished.callback(b"".join(self.parts))
+        else:
+            self.finished.errback(reason)
+
+
+def _read_body(response: IResponse) -> Deferred[bytes]:
+    protocol = _BoundedBody(ANSWER_LIMIT)
+    response.deliverBody(protocol)
+    return protocol.finished
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """``Retry-After`` as seconds from ``now``: a number of seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - now)
+
+
+def describe_failure(failure: Failure, timeout: float) -> str:
+    """Words an operator can act on for a request that got no answer."""
+    if failure.check(TimeoutError, CancelledError):
+        return f"no complete answer within {timeout:g} s"
+    if failure.check(ResponseNeverReceived, ResponseFailed):
+        reasons = getattr(failure.value, "reasons", [])
+        if reasons:
+            return describe_failure(reasons[0], timeout)
+    if failure.check(ConnectionRefusedError):
+        return "connection refused"
+    if failure.check(DNSLookupError):
+        return "cannot resolve the host name"
+    if failure.check(ConnectError):
+        return f"cannot connect: {failure.getErrorMessage()}"
+    return f"{failure.type.__name__}: {failure.getErrorMessage()}"
+
+
+def _describe_answer(status: int, body: bytes) -> str:
+    text = body[:300].decode("utf-8", "replace").strip()
+    return f"HTTP {status}" + (f": {text}" if text else "")
+
+
+class ConnectionPool:
+    """One persistent HTTP connection pool shared by the senders of every service."""
+
+    def __init__(self, reactor: Any, max_per_host: int = 4) -> None:
+        self.reactor = reactor
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = max_per_host
+        self.pool.retryAutomatically = False
+        self._jar = CookieJar(DefaultCookiePolicy(allowed_domains=[]))
+
+    def client(self, connect_timeout: float) -> HTTPClient:
+        agent = Agent(self.reactor, connectTimeout=connect_timeout, pool=self.pool)
+        return HTTPClient(agent, cookiejar=self._jar)
+
+    def close(self) -> Deferred[None]:
+        return self.pool.closeCachedConnections()
+
+
+@implementer(ISender)
+class MatrixSender:
+    """Sends one application service's transactions, the Matrix way."""
+
+    def __init__(
+        self, registration: Registration, connections: ConnectionPool, clock: IReactorTime
+    ) -> None:
+        if registration.url is None:
+            raise ValueError(f"registration {registration.id!r} has no url to send to")
+        self.registration = registration
+        self.url = registration.url
+        self._clock = clock
+        self._client = connections.client(registration.options.connect_timeout)
+        self._headers = {
+            "Authorization": f"Bearer {registration.hs_token}",
+            "Content-Type": "application/json",
+        }
+
+    def send(self, txn: StoredTransaction) -> Deferred[SendResult]:
+        return self._request("PUT", f"/_matrix/app/v1/transactions/{txn.txn_id}", txn.body)
+
+    def ping(self) -> Deferred[SendResult]:
+        return self._request("POST", "/_matrix/app/v1/ping", b"{}")
+
+    def _request(self, method: str, path: str, body: bytes) -> Deferred[SendResult]:
+        timeout = self.registration.options.request_timeout
+        start = self._clock.seconds()
+        d = Deferred.fromCoroutine(self._exchange(method, self.url + path, body))
+        d.addTimeout(timeout, self._clock)
+
+        def done(result: tuple[int, bytes, str | None]) -> SendResult:
+            status, answer, retry_after = result
+            ok = 200 <= status < 300
+            return SendResult(
+                ok=ok,
+                status=status,
+                error=None if ok else _describe_answer(status, answer),
+                retry_after=parse_retry_after(retry_after, self._clock.seconds()),
+                duration=self._clock.seconds() - start,
+            )
+
+        def failed(failure: Failure) -> SendResult:
+            return SendResult(
+                ok=False,
+                error=describe_failure(failure, timeout),
+                duration=self._clock.seconds() - start,
+            )
+
+        return d.addCallbacks(done, failed)
+
+    async def _exchange(self, method: str, url: str, body: bytes) -> tuple[int, bytes, str | None]:
+        response = await self._client.request(
+            method,
+            url,
+            data=body,
+            headers=self._headers,
+            allow_redirects=False,
+            unbuffered=True,
+        )
+        answer = await _read_body(response)
+        retry_after = response.headers.getRawHeaders("Retry-After", [None])[0]
+        return response.code, answer, retry_after

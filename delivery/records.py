@@ -1,0 +1,56 @@
+"""Values the store reads and writes."""
+
+from __future__ import annotations
+
+import attrs
+
+
+@attrs.frozen
+class QueuedEvent:
+    """One event waiting in a service's queue: its stream position and JSON bytes."""
+
+    stream_id: int
+    json: bytes
+
+
+@attrs.frozen
+class StoredTransaction:
+    """
+    A transaction as stored before it is first sent: resent with the same id and body.
+
+    ``attempts`` counts failed attempts; the times are the reactor clock's seconds.
+    """
+
+    service_id: str
+    txn_id: int
+    body: bytes = attrs.field(repr=lambda b: f"<{len(b)} bytes>")
+    event_count: int
+    first_stream_id: int
+    last_stream_id: int
+    created_ts: float
+    attempts: int = 0
+    first_attempt_ts: float | None = None
+    last_attempt_ts: float | None = None
+    last_error: str | None = None
+
+
+@attrs.frozen
+class ServiceRecord:
+    """What the store remembers of a service between runs."""
+
+    service_id: str
+    state: str
+    last_txn_id: int
+    last_success_ts: float | None
+    last_error: str | None
+    failure_count: int
+    next_retry_ts: float | None
+
+
+@attrs.frozen
+class ServiceSummary:
+    """What is pending for a service, read in one go for status reports."""
+
+    queued_events: int
+    stored_transactions: int
+    oldest_pending_ts: float | None

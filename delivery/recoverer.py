@@ -1,0 +1,213 @@
+"""
+The Recoverer: what happens to a service that is DOWN.
+
+It waits with exponential backoff (with jitter, honouring ``Retry-After``), probes the
+receiver meanwhile, and ends the wait early when a probe is answered or an operator asks
+to retry now. Then, while the service is RECOVERING, it hands the TransactionMaker the
+stored transactions, oldest first with their own ids and bodies, then full batches from
+the queue; when neither is left the service is caught up and UP again.
+"""
+
+from __future__ import annotations
+
+import random
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from ._interfaces import IStore, SendResult
+from ._observers import Observers
+from ._state import ServiceHandle, State
+from .records import StoredTransaction
+from .registration import DeliveryOptions
+from .transactions import TransactionMaker
+
+log = Logger()
+
+
+@attrs.frozen
+class BackoffPolicy:
+    """
+    Waits that double from ``initial_delay`` up to ``max_delay``, each moved by a random
+    ``±jitter`` fraction so that many services do not retry in step.
+    """
+
+    initial_delay: float = 1.0
+    max_delay: float = 300.0
+    factor: float = 2.0
+    jitter: float = 0.2
+
+    @classmethod
+    def of(cls, options: DeliveryOptions) -> BackoffPolicy:
+        return cls(options.initial_delay, options.max_delay, 2.0, options.jitter)
+
+    def base(self, failures: int) -> float:
+        """The wait after ``failures`` failures in a row, before jitter."""
+        exponent = min(max(failures - 1, 0), 64)
+        return float(min(self.max_delay, self.initial_delay * self.factor**exponent))
+
+    def delay(self, failures: int, rng: random.Random, retry_after: float | None = None) -> float:
+        """
+        The wait after ``failures`` failures in a row. A receiver's ``Retry-After`` is
+        honoured when it asks for longer, up to ``max_delay``.
+        """
+        wait = self.base(failures) * (1 + rng.uniform(-self.jitter, self.jitter))
+        if retry_after is not None and retry_after > wait:
+            wait = min(retry_after, self.max_delay)
+        return wait
+
+
+class Recoverer:
+    def __init__(
+        self,
+        store: IStore,
+        maker: TransactionMaker,
+        clock: IReactorTime,
+        observers: Observers,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._store = store
+        self._maker = maker
+        self._clock = clock
+        self._observers = observers
+        self._rng = rng or random.Random()
+        self._stopped = False
+        maker.recoverer = self
+
+    # -- entering states (called by the service's machine) --
+
+    def enter_down(
+        self, handle: ServiceHandle, old: State, result: SendResult, txn: StoredTransaction | None
+    ) -> None:
+        options = handle.registration.options
+        now = self._clock.seconds()
+        handle.failure_count += 1
+        handle.last_error = result.error
+        delay = BackoffPolicy.of(options).delay(handle.failure_count, self._rng, result.retry_after)
+        handle.next_retry_ts = now + delay
+        log.info(
+            "{service} is DOWN (was {old}): {error}; retrying in {delay:.1f} s",
+            service=handle.id,
+            old=str(old),
+            error=result.error,
+            delay=delay,
+        )
+        self._persist(handle, State.DOWN)
+        if txn is not None:
+            self._background(
+                self._store.record_failure(
+                    handle.id, txn.txn_id, now, result.error or "failed",
+                    handle.failure_count, handle.next_retry_ts,
+                ),
+                handle,
+            )
+        self._observers.state_changed(handle.id, str(old), str(State.DOWN), result.error)
+        if self._stopped:
+            return
+        handle.retry_call = self._clock.callLater(delay, self._wait_over, handle)
+        if options.probe and options.probe_interval < delay:
+            handle.probe_call = self._clock.callLater(options.probe_interval, self._probe, handle)
+
+    def enter_recovering(self, handle: ServiceHandle) -> None:
+        self._cancel_timers(handle)
+        handle.next_retry_ts = None
+        log.info(
+            "{service} is RECOVERING: resending stored transactions", service=handle.id
+        )
+        self._persist(handle, State.RECOVERING)
+        self._observers.state_changed(
+            handle.id, str(State.DOWN), str(State.RECOVERING), None
+        )
+        self._maker.kick(handle)
+
+    def enter_up(self, handle: ServiceHandle) -> None:
+        failures, handle.failure_count = handle.failure_count, 0
+        handle.last_error = None
+        log.info(
+            "{service} is UP again after {failures} failed attempt(s); backlog drained",
+            service=handle.id,
+            failures=failures,
+        )
+        self._persist(handle, State.UP)
+        self._observers.state_changed(handle.id, str(State.RECOVERING), str(State.UP), None)
+
+    # -- what recovery sends --
+
+    async def next_transaction(self, handle: ServiceHandle) -> StoredTransaction | None:
+        """The oldest stored transaction, else a full batch cut from the queue, else None."""
+        txn = await self._store.oldest_transaction(handle.id)
+        if txn is None:
+            txn = await self._maker.cut(handle, full_only=True)
+        return txn
+
+    # -- ending the wait --
+
+    def retry_now(self, handle: ServiceHandle) -> None:
+        """End the wait of a DOWN service at once."""
+        if handle.state is State.DOWN:
+            log.info("{service}: retry requested", service=handle.id)
+            handle.machine.retry()
+        else:
+            self._maker.kick(handle)
+
+    def _wait_over(self, handle: ServiceHandle) -> None:
+        handle.retry_call = None
+        if handle.state is State.DOWN:
+            handle.machine.retry()
+
+    def _probe(self, handle: ServiceHandle) -> None:
+        handle.probe_call = None
+        handle.probing = handle.sender.ping()
+        handle.probing.addCallback(self._probed, handle)
+
+    def _probed(self, result: SendResult, handle: ServiceHandle) -> None:
+        handle.probing = None
+        if handle.state is not State.DOWN or self._stopped:
+            return
+        if result.status is not None and result.status < 500:
+            # Any HTTP answer means the receiver is there (several SDKs answer 404).
+            log.info(
+                "{service} answered a probe (HTTP {status}): retrying now",
+                service=handle.id,
+                status=result.status,
+            )
+            handle.machine.retry()
+            return
+        interval = handle.registration.options.probe_interval
+        if handle.retry_call is not None and handle.retry_call.getTime() - self._clock.seconds() > interval:
+            handle.probe_call = self._clock.callLater(interval, self._probe, handle)
+
+    def _cancel_timers(self, handle: ServiceHandle) -> None:
+        for call in (handle.retry_call, handle.probe_call):
+            if call is not None and call.active():
+                call.cancel()
+        handle.retry_call = handle.probe_call = None
+        if handle.probing is not None:
+            probing, handle.probing = handle.probing, None
+            probing.cancel()
+
+    # -- start and stop --
+
+    def resume(self, handle: ServiceHandle) -> None:
+        """
+        At start-up, a service with stored transactions (its machine built in DOWN) is
+        recovered first, at once, whatever state was recorded.
+        """
+        handle.machine.retry()
+
+    def stop(self, handles: list[ServiceHandle]) -> None:
+        self._stopped = True
+        for handle in handles:
+            self._cancel_timers(handle)
+
+    # -- persistence --
+
+    def _persist(self, handle: ServiceHandle, state: State) -> None:
+        self._background(self._store.set_state(handle.id, str(state)), handle)
+
+    def _background(self, d: Deferred[None], handle: ServiceHandle) -> None:
+        d.addErrback(
+            lambda f: log.failure("could not record the state of {service}", f, service=handle.id)
+        )

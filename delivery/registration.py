@@ -1,0 +1,252 @@
+"""
+Application-service registrations, read from Matrix registration YAML.
+
+Existing bridge registration files load unchanged: keys we do not use (``protocols``,
+``rate_limited``, ``de.sorunome.msc2409.push_ephemeral``, …) are accepted. Our own options
+(batching, retry, probing) live under an optional ``delivery:`` key.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import attrs
+import yaml
+
+from .errors import InvalidRegistrationError
+
+NAMESPACE_KINDS = ("users", "rooms", "aliases")
+
+
+@attrs.frozen
+class Namespace:
+    """One ``{regex, exclusive}`` entry of a registration's namespaces."""
+
+    regex: str
+    exclusive: bool
+    pattern: re.Pattern[str] = attrs.field(eq=False, repr=False)
+
+    @classmethod
+    def of(cls, regex: str, exclusive: bool = False) -> Namespace:
+        return cls(regex, exclusive, re.compile(regex))
+
+
+def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"{attribute.name} must be a positive number, not {value!r}")
+
+
+def _positive_int(instance: object, attribute: attrs.Attribute[Any], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{attribute.name} must be a positive integer, not {value!r}")
+
+
+def _fraction(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"{attribute.name} must be a number from 0 to below 1, not {value!r}")
+
+
+def _boolean(instance: object, attribute: attrs.Attribute[Any], value: bool) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{attribute.name} must be true or false, not {value!r}")
+
+
+PROTOCOLS = ("matrix",)
+
+
+def _protocol(instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    if value not in PROTOCOLS:
+        raise ValueError(f"{attribute.name} must be one of {', '.join(PROTOCOLS)}, not {value!r}")
+
+
+@attrs.frozen
+class DeliveryOptions:
+    """Per-registration delivery options (the optional ``delivery:`` key)."""
+
+    #: most events in one transaction
+    max_events: int = attrs.field(default=100, validator=_positive_int)
+    #: most bytes of body in one transaction (a single larger event is sent alone)
+    max_bytes: int = attrs.field(default=900 * 1024, validator=_positive_int)
+    #: first wait after a failure, seconds
+    initial_delay: float = attrs.field(default=1.0, validator=_positive)
+    #: longest wait between attempts, seconds
+    max_delay: float = attrs.field(default=300.0, validator=_positive)
+    #: relative jitter applied to every wait (0.2 is ±20 %)
+    jitter: float = attrs.field(default=0.2, validator=_fraction)
+    #: how often a DOWN service is probed, seconds
+    probe_interval: float = attrs.field(default=5.0, validator=_positive)
+    #: whether a DOWN service is probed at all
+    probe: bool = attrs.field(default=True, validator=_boolean)
+    #: connect timeout of one request, seconds
+    connect_timeout: float = attrs.field(default=10.0, validator=_positive)
+    #: whole-request timeout (headers and body), seconds
+    request_timeout: float = attrs.field(default=30.0, validator=_positive)
+    #: wire protocol; only ``matrix`` so far
+    protocol: str = attrs.field(default="matrix", validator=_protocol)
+
+    def __attrs_post_init__(self) -> None:
+        if self.max_delay < self.initial_delay:
+            raise ValueError(
+                f"max_delay ({self.max_delay}) must not be below initial_delay "
+                f"({self.initial_delay})"
+            )
+
+
+_OPTION_NAMES = frozenset(a.name for a in attrs.fields(DeliveryOptions))
+
+
+@attrs.frozen
+class Registration:
+    """
+    One application service: where to send, how to authenticate, what it wants.
+
+    Secrets (``as_token``, ``hs_token``) are left out of ``repr`` so that they never
+    reach a log line.
+    """
+
+    id: str
+    url: str | None
+    as_token: str = attrs.field(repr=False)
+    hs_token: str = attrs.field(repr=False)
+    sender_localpart: str
+    users: tuple[Namespace, ...] = ()
+    rooms: tuple[Namespace, ...] = ()
+    aliases: tuple[Namespace, ...] = ()
+    options: DeliveryOptions = DeliveryOptions()
+
+    @classmethod
+    def from_dict(cls, data: object, source: str = "<mapping>") -> Registration:
+        """
+        Build a registration from a parsed Matrix registration mapping.
+
+        :raises InvalidRegistrationError: naming ``source`` and the faulty field.
+        """
+        return _parse(data, source)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Registration:
+        """Read a Matrix registration YAML file."""
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as e:
+            raise InvalidRegistrationError(source, None, f"cannot read it: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise InvalidRegistrationError(source, None, "it is not UTF-8 text") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+            problem = getattr(e, "problem", None) or str(e)
+            raise InvalidRegistrationError(
+                source, None, f"it is not valid YAML{where}: {problem}"
+            ) from None
+        return _parse(data, source)
+
+
+def _parse(data: object, source: str) -> Registration:
+    def fail(field: str | None, reason: str) -> InvalidRegistrationError:
+        return InvalidRegistrationError(source, field, reason)
+
+    if not isinstance(data, Mapping):
+        raise fail(None, f"expected a mapping of keys, found {type(data).__name__}")
+
+    def string(key: str) -> str:
+        if key not in data:
+            raise fail(key, "is required")
+        value = data[key]
+        if not isinstance(value, str) or not value:
+            raise fail(key, f"must be a non-empty string, not {_describe(value)}")
+        return value
+
+    service_id = string("id")
+    as_token = string("as_token")
+    hs_token = string("hs_token")
+    sender_localpart = string("sender_localpart")
+
+    if "url" not in data:
+        raise fail("url", "is required (use null for a service that receives nothing)")
+    url = data["url"]
+    if url is not None:
+        if not isinstance(url, str):
+            raise fail("url", f"must be a string or null, not {_describe(url)}")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise fail("url", f"must be an http:// or https:// URL with a host, not {url!r}")
+        try:
+            parts.port
+        except ValueError:
+            raise fail("url", f"has an invalid port: {url!r}") from None
+        url = url.rstrip("/")
+
+    namespaces = data.get("namespaces") or {}
+    if not isinstance(namespaces, Mapping):
+        raise fail("namespaces", f"must be a mapping, not {_describe(namespaces)}")
+    parsed: dict[str, tuple[Namespace, ...]] = {}
+    for kind in NAMESPACE_KINDS:
+        entries = namespaces.get(kind) or []
+        if not isinstance(entries, list):
+            raise fail(f"namespaces.{kind}", f"must be a list, not {_describe(entries)}")
+        items = []
+        for i, entry in enumerate(entries):
+            where = f"namespaces.{kind}[{i}]"
+            if not isinstance(entry, Mapping):
+                raise fail(where, f"must be a mapping with regex and exclusive, not {_describe(entry)}")
+            regex = entry.get("regex")
+            if not isinstance(regex, str) or not regex:
+                raise fail(f"{where}.regex", f"must be a non-empty string, not {_describe(regex)}")
+            exclusive = entry.get("exclusive")
+            if not isinstance(exclusive, bool):
+                raise fail(f"{where}.exclusive", f"must be true or false, not {_describe(exclusive)}")
+            try:
+                items.append(Namespace.of(regex, exclusive))
+            except re.error as e:
+                raise fail(f"{where}.regex", f"is not a valid regular expression: {e}") from None
+        parsed[kind] = tuple(items)
+
+    raw_options = data.get("delivery") or {}
+    if not isinstance(raw_options, Mapping):
+        raise fail("delivery", f"must be a mapping of options, not {_describe(raw_options)}")
+    for key in raw_options:
+        if key not in _OPTION_NAMES:
+            known = ", ".join(sorted(_OPTION_NAMES))
+            raise fail(f"delivery.{key}", f"is not a known option (known: {known})")
+    try:
+        options = DeliveryOptions(**raw_options)
+    except (TypeError, ValueError) as e:
+        name = str(e).split(" ", 1)[0]
+        field = f"delivery.{name}" if name in _OPTION_NAMES else "delivery"
+        raise fail(field, str(e)) from None
+
+    return Registration(
+        id=service_id,
+        url=url,
+        as_token=as_token,
+        hs_token=hs_token,
+        sender_localpart=sender_localpart,
+        users=parsed["users"],
+        rooms=parsed["rooms"],
+        aliases=parsed["aliases"],
+        options=options,
+    )
+
+
+def _describe(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}"
+    if isinstance(value, str):
+        return "an empty string" if not value else f"the string {value!r}"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    return type(value).__name__

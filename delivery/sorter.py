@@ -1,0 +1,132 @@
+"""
+The EventSorter: routes new events to the queues of the services that want them.
+
+It reads the event source after its position, every ``poll_interval`` or at once when
+woken (by ``submit()``), works out who wants each event, and in one database transaction
+writes the queue rows and advances its position; then it hands the events to the pool.
+A crash at any point either keeps both or neither.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from ._interfaces import IEventSource, IStore
+from .events import StoredEvent
+from .interest import InterestIndex
+from .pool import EventPool
+from .records import QueuedEvent
+
+log = Logger()
+
+#: Looks up the aliases of a room, for ``aliases`` namespaces (supplied by the embedder).
+AliasLookup = Callable[[str], Awaitable[Sequence[str]]]
+
+
+class EventSorter:
+    def __init__(
+        self,
+        store: IStore,
+        index: InterestIndex,
+        pool: EventPool,
+        clock: IReactorTime,
+        *,
+        source: IEventSource | None = None,
+        poll_interval: float = 1.0,
+        batch_size: int = 1000,
+        alias_lookup: AliasLookup | None = None,
+    ) -> None:
+        self._store = store
+        self._source: IEventSource = source if source is not None else store
+        #: events from an outside source are copied into the store as they are routed
+        self._copy_events = source is not None
+        self.index = index
+        self._pool = pool
+        self._clock = clock
+        self.poll_interval = poll_interval
+        self._batch_size = batch_size
+        self._alias_lookup = alias_lookup
+        self.position = 0
+        self._running: Deferred[None] | None = None
+        self._again = False
+        self._timer: IDelayedCall | None = None
+        self._stopped = True
+
+    async def start(self) -> None:
+        self.position = await self._store.sorter_position()
+        self._stopped = False
+        self.wake()
+
+    def wake(self) -> None:
+        """Look for new events now (or as soon as the current pass ends)."""
+        if self._stopped:
+            return
+        if self._running is not None:
+            self._again = True
+            return
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self._running = Deferred.fromCoroutine(self._run())
+
+    async def _run(self) -> None:
+        try:
+            while not self._stopped:
+                self._again = False
+                routed = await self.sort_once()
+                if routed < self._batch_size and not self._again:
+                    break
+        except Exception:
+            log.failure("routing events failed; trying again in {interval} s",
+                        interval=self.poll_interval)
+        finally:
+            self._running = None
+        if not self._stopped:
+            self._timer = self._clock.callLater(self.poll_interval, self.wake)
+
+    async def sort_once(self) -> int:
+        """Route one batch of events; how many were read."""
+        events = await self._source.events_after(self.position, self._batch_size)
+        if not events:
+            return 0
+        aliases = await self._aliases(events)
+        queue: list[tuple[str, int]] = []
+        by_service: dict[str, list[QueuedEvent]] = {}
+        wanted: list[StoredEvent] = []
+        route = self.index.route
+        for stored in events:
+            room = stored.event.routing.room_id
+            services = route(stored.event.routing, aliases.get(room, ()) if room else ())
+            if services:
+                wanted.append(stored)
+                queued = QueuedEvent(stored.stream_id, stored.event.json)
+                for service_id in services:
+                    queue.append((service_id, stored.stream_id))
+                    by_service.setdefault(service_id, []).append(queued)
+        position = events[-1].stream_id
+        await self._store.commit_sorted(position, queue, wanted if self._copy_events else ())
+        self.position = position
+        for service_id, queued_events in by_service.items():
+            self._pool.add(service_id, queued_events)
+        return len(events)
+
+    async def _aliases(self, events: Sequence[StoredEvent]) -> dict[str, Sequence[str]]:
+        if self._alias_lookup is None or not self.index.wants_aliases:
+            return {}
+        rooms = {e.event.routing.room_id for e in events} - {None}
+        found: dict[str, Sequence[str]] = {}
+        for room in sorted(r for r in rooms if r is not None):
+            found[room] = await self._alias_lookup(room)
+        return found
+
+    async def stop(self) -> None:
+        self._stopped = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self._running is not None:
+            await self._running

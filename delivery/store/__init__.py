@@ -1,0 +1,55 @@
+"""
+Stores: where ``delivery`` keeps events, queues, transactions and service state.
+
+``open_store(url)`` picks the implementation from the URL. It connects and brings the
+schema up to date when the store is opened: by :class:`delivery.DeliveryService` when it
+starts, or by ``await store.open()``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from .._interfaces import IStore
+from ..errors import InvalidStoreURLError
+from ..records import QueuedEvent, ServiceRecord, ServiceSummary, StoredTransaction
+from .sqlite import SchemaTooNewError, SQLiteStore
+
+__all__ = [
+    "IStore",
+    "QueuedEvent",
+    "SQLiteStore",
+    "SchemaTooNewError",
+    "ServiceRecord",
+    "ServiceSummary",
+    "StoredTransaction",
+    "open_store",
+]
+
+
+def open_store(url: str, reactor: Any = None) -> IStore:
+    """
+    The store a URL names.
+
+    - ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db``: SQLite, the
+      embedded default.
+
+    :raises InvalidStoreURLError: for a URL no store understands.
+    """
+    parts = urlsplit(url)
+    if parts.scheme == "sqlite":
+        if parts.netloc:
+            raise InvalidStoreURLError(
+                f"database URL {url!r}: a SQLite URL has no host; write sqlite:///relative.db "
+                "or sqlite:////absolute/path.db"
+            )
+        path = unquote(parts.path[1:]) if parts.path.startswith("/") else ""
+        if not path:
+            raise InvalidStoreURLError(
+                f"database URL {url!r} names no file; write sqlite:///delivery.db"
+            )
+        return SQLiteStore(path, reactor)
+    raise InvalidStoreURLError(
+        f"database URL {url!r}: unknown kind {parts.scheme!r}; use sqlite:///path.db"
+    )

@@ -1,0 +1,142 @@
+"""
+The TransactionMaker: cuts each service's pending events into numbered transactions,
+stores each one (id and exact body) before sending it, and forgets it only after a 2xx.
+
+Each service has at most one loop, and so at most one request in flight: transactions
+reach a receiver in order. The loop sends while the service is UP; while it is RECOVERING
+it sends what the Recoverer hands it; when a send fails the service goes DOWN and the loop
+ends until the Recoverer starts it again.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ._interfaces import IStore, SendResult
+from ._observers import Observers
+from ._state import ServiceHandle, State
+from .events import transaction_body
+from .pool import EventPool
+from .records import StoredTransaction
+
+if TYPE_CHECKING:
+    from .recoverer import Recoverer
+
+log = Logger()
+
+
+class TransactionMaker:
+    def __init__(
+        self,
+        store: IStore,
+        pool: EventPool,
+        clock: IReactorTime,
+        observers: Observers,
+    ) -> None:
+        self._store = store
+        self._pool = pool
+        self._clock = clock
+        self._observers = observers
+        self._stopped = False
+        self.recoverer: Recoverer | None = None
+
+    def kick(self, handle: ServiceHandle) -> None:
+        """Make sure the service's loop looks for work (events arrived, state changed)."""
+        handle.wanted = True
+        if handle.loop is None and not self._stopped and handle.state is not State.DOWN:
+            handle.loop = Deferred.fromCoroutine(self._run(handle))
+
+    async def _run(self, handle: ServiceHandle) -> None:
+        try:
+            while not self._stopped:
+                txn: StoredTransaction | None
+                if handle.state is State.RECOVERING:
+                    assert self.recoverer is not None
+                    txn = await self.recoverer.next_transaction(handle)
+                    if txn is None:
+                        handle.machine.caught_up()
+                        continue
+                elif handle.state is State.UP:
+                    handle.wanted = False
+                    txn = await self.cut(handle)
+                    if txn is None:
+                        if handle.wanted:
+                            continue
+                        break
+                else:
+                    break
+                if not await self.deliver(handle, txn):
+                    break
+        except Exception:
+            self._crashed(handle, Failure())
+        finally:
+            handle.loop = None
+        if handle.state is State.RECOVERING and not self._stopped:
+            # Retried while the loop was ending: start it again.
+            self.kick(handle)
+
+    def _crashed(self, handle: ServiceHandle, failure: Failure) -> None:
+        """
+        Something other than the receiver failed (the database, a bug). Start over from
+        what the database says, through the usual DOWN/recovery path.
+        """
+        log.failure("delivery to {service} failed unexpectedly", failure, service=handle.id)
+        self._pool.reset(handle.id)
+        if handle.state is not State.DOWN and not self._stopped:
+            error = f"internal error: {failure.type.__name__}: {failure.getErrorMessage()}"
+            handle.machine.failed(SendResult(ok=False, error=error), None)
+
+    async def cut(self, handle: ServiceHandle, full_only: bool = False) -> StoredTransaction | None:
+        """
+        Store the service's next transaction from its pending events, or return None if
+        there is nothing to send (with ``full_only``: not a full batch).
+        """
+        options = handle.registration.options
+        events = await self._pool.batch(
+            handle.id, options.max_events, options.max_bytes, full_only
+        )
+        if not events:
+            return None
+        body = transaction_body([e.json for e in events])
+        now = self._clock.seconds()
+        first, last = events[0].stream_id, events[-1].stream_id
+        txn_id = await self._store.store_transaction(
+            handle.id, first, last, len(events), body, now
+        )
+        self._pool.remove(handle.id, len(events))
+        return StoredTransaction(handle.id, txn_id, body, len(events), first, last, now)
+
+    async def deliver(self, handle: ServiceHandle, txn: StoredTransaction) -> bool:
+        """
+        Send a stored transaction. On a 2xx forget it and return True; otherwise mark the
+        service DOWN (the Recoverer takes over) and return False.
+        """
+        handle.in_flight = handle.sender.send(txn)
+        try:
+            result = await handle.in_flight
+        finally:
+            handle.in_flight = None
+        if self._stopped:
+            return False
+        if result.ok:
+            await self._store.complete_transaction(handle.id, txn.txn_id, self._clock.seconds())
+            self._observers.transaction_done(handle.id, txn, result)
+            return True
+        self._observers.transaction_done(handle.id, txn, result)
+        handle.machine.failed(result, txn)
+        return False
+
+    async def stop(self, handles: list[ServiceHandle]) -> None:
+        """Stop every loop; a request in flight is abandoned (its transaction stays stored)."""
+        self._stopped = True
+        for handle in handles:
+            if handle.in_flight is not None:
+                handle.in_flight.cancel()
+        for handle in handles:
+            if handle.loop is not None:
+                await handle.loop

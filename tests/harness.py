@@ -1,0 +1,92 @@
+"""Building services for tests: registrations pointing at test receivers, events."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+
+from delivery import DeliveryService, Registration, SendResult
+from delivery.records import StoredTransaction
+
+from .receiver import HS_TOKEN, _waiter
+
+
+def registration(
+    service_id: str,
+    url: str | None,
+    users: str | None = None,
+    rooms: str | None = None,
+    aliases: str | None = None,
+    exclusive: bool = True,
+    **options: Any,
+) -> Registration:
+    namespaces: dict[str, list[dict[str, Any]]] = {}
+    for kind, regex in (("users", users), ("rooms", rooms), ("aliases", aliases)):
+        if regex is not None:
+            namespaces[kind] = [{"regex": regex, "exclusive": exclusive}]
+    return Registration.from_dict(
+        {
+            "id": service_id,
+            "url": url,
+            "as_token": f"as-{service_id}",
+            "hs_token": HS_TOKEN,
+            "sender_localpart": f"{service_id}bot",
+            "namespaces": namespaces,
+            "delivery": options,
+        }
+    )
+
+
+def event(n: int, sender: str = "@alice:hs", room: str = "!room:hs", **extra: Any) -> dict[str, Any]:
+    return {
+        "event_id": f"$e{n}",
+        "type": "m.room.message",
+        "sender": sender,
+        "room_id": room,
+        "content": {"body": f"message {n}"},
+        **extra,
+    }
+
+
+class Recorder:
+    """An observer that keeps what happened and lets a test wait for it."""
+
+    def __init__(self) -> None:
+        self.states: list[tuple[str, str, str, str | None]] = []
+        self.results: list[tuple[str, StoredTransaction, SendResult]] = []
+        self._waiters: list[tuple[Any, Deferred[None]]] = []
+
+    def state_changed(self, service_id: str, old: str, new: str, reason: str | None) -> None:
+        self.states.append((service_id, old, new, reason))
+        self._check()
+
+    def transaction_done(self, service_id: str, txn: StoredTransaction, result: SendResult) -> None:
+        self.results.append((service_id, txn, result))
+        self._check()
+
+    def wait_for(self, condition: Any, timeout: float = 15) -> Deferred[None]:
+        """Fires when ``condition()`` holds; fails after ``timeout`` real seconds."""
+        return _waiter(self._waiters, condition, timeout)
+
+    def wait_for_state(self, service_id: str, state: str) -> Deferred[None]:
+        count = sum(1 for s in self.states if s[0] == service_id and s[2] == state)
+        return self.wait_for(
+            lambda: sum(1 for s in self.states if s[0] == service_id and s[2] == state) > count
+        )
+
+    def _check(self) -> None:
+        for item in list(self._waiters):
+            condition, d = item
+            if condition():
+                self._waiters.remove(item)
+                d.callback(None)
+
+
+def make_service(store: Any, registrations: list[Registration], reactor: Any, **kwargs: Any) -> tuple[DeliveryService, Recorder, Clock]:
+    clock = kwargs.pop("clock", None) or Clock()
+    service = DeliveryService(store, registrations, reactor=reactor, clock=clock, **kwargs)
+    recorder = Recorder()
+    service.observe(recorder)
+    return service, recorder, clock
