@@ -146,3 +146,6 @@ class IDeliveryObserver(Interface):
 
     def transaction_done(service_id: str, txn: StoredTransaction, result: SendResult) -> None:
         """An attempt to send ``txn`` ended with ``result``."""
+
+    def probe_done(service_id: str, result: SendResult) -> None:
+        """A probe of a DOWN service ended with ``result``."""

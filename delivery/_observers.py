@@ -27,11 +27,16 @@ class Observers:
             except Exception:
                 log.failure("observer {observer!r} failed on a state change", observer=observer)
 
-    def transaction_done(
-        self, service_id: str, txn: StoredTransaction, result: SendResult
-    ) -> None:
+    def transaction_done(self, service_id: str, txn: StoredTransaction, result: SendResult) -> None:
         for observer in list(self._observers):
             try:
                 observer.transaction_done(service_id, txn, result)
             except Exception:
                 log.failure("observer {observer!r} failed on a transaction", observer=observer)
+
+    def probe_done(self, service_id: str, result: SendResult) -> None:
+        for observer in list(self._observers):
+            try:
+                observer.probe_done(service_id, result)
+            except Exception:
+                log.failure("observer {observer!r} failed on a probe", observer=observer)

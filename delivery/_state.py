@@ -21,7 +21,6 @@ from typing import Protocol
 
 import attrs
 from automat import TypeMachineBuilder
-
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 

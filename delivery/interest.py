@@ -84,9 +84,7 @@ class InterestIndex:
         regs = [r for r in registrations if r.url is not None]
         self._users = _Matcher([(r.id, ns.pattern) for r in regs for ns in r.users], cache_size)
         self._rooms = _Matcher([(r.id, ns.pattern) for r in regs for ns in r.rooms], cache_size)
-        self._aliases = _Matcher(
-            [(r.id, ns.pattern) for r in regs for ns in r.aliases], cache_size
-        )
+        self._aliases = _Matcher([(r.id, ns.pattern) for r in regs for ns in r.aliases], cache_size)
         self._senders: dict[str, frozenset[str]] = {}
         if server_name is not None:
             for r in regs:

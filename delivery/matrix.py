@@ -9,6 +9,7 @@ import email.utils
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
 
+from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.error import (
     ConnectError,
@@ -27,15 +28,17 @@ from twisted.web.client import (
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
-from treq.client import HTTPClient
 from zope.interface import implementer
 
 from ._interfaces import ISender, SendResult
-from .registration import Registration
 from .records import StoredTransaction
+from .registration import Registration
 
 #: how much of an answer's body is kept (for error messages); the rest is read and dropped
 ANSWER_LIMIT = 4096
+
+
+_DONE = Failure(ResponseDone())
 
 
 class _BoundedBody(Protocol):
@@ -57,7 +60,7 @@ class _BoundedBody(Protocol):
             self.parts.append(part)
             self.kept += len(part)
 
-    def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = _DONE) -> None:
         if self.finished.called:
             return
         if reason.check(ResponseDone, PotentialDataLoss):
@@ -102,7 +105,7 @@ def describe_failure(failure: Failure, timeout: float) -> str:
         return "cannot resolve the host name"
     if failure.check(ConnectError):
         return f"cannot connect: {failure.getErrorMessage()}"
-    return f"{failure.type.__name__}: {failure.getErrorMessage()}"
+    return f"{getattr(failure.type, '__name__', 'error')}: {failure.getErrorMessage()}"
 
 
 def _describe_answer(status: int, body: bytes) -> str:
@@ -122,10 +125,11 @@ class ConnectionPool:
 
     def client(self, connect_timeout: float) -> HTTPClient:
         agent = Agent(self.reactor, connectTimeout=connect_timeout, pool=self.pool)
-        return HTTPClient(agent, cookiejar=self._jar)
+        return HTTPClient(agent, cookiejar=self._jar)  # type: ignore[arg-type]
 
     def close(self) -> Deferred[None]:
-        return self.pool.closeCachedConnections()
+        d: Deferred[None] = self.pool.closeCachedConnections()
+        return d
 
 
 @implementer(ISender)
@@ -141,7 +145,7 @@ class MatrixSender:
         self.url = registration.url
         self._clock = clock
         self._client = connections.client(registration.options.connect_timeout)
-        self._headers = {
+        self._headers: dict[bytes | str, bytes | str] = {
             "Authorization": f"Bearer {registration.hs_token}",
             "Content-Type": "application/json",
         }

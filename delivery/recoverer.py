@@ -98,29 +98,31 @@ class Recoverer:
         if txn is not None:
             self._background(
                 self._store.record_failure(
-                    handle.id, txn.txn_id, now, result.error or "failed",
-                    handle.failure_count, handle.next_retry_ts,
+                    handle.id,
+                    txn.txn_id,
+                    now,
+                    result.error or "failed",
+                    handle.failure_count,
+                    handle.next_retry_ts,
                 ),
                 handle,
             )
+        if not self._stopped:
+            handle.retry_call = self._clock.callLater(delay, self._wait_over, handle)
+            if options.probe and options.probe_interval < delay:
+                handle.probe_call = self._clock.callLater(
+                    options.probe_interval, self._probe, handle
+                )
+        # Observers last: they may run arbitrary code that expects the new state complete.
         self._observers.state_changed(handle.id, str(old), str(State.DOWN), result.error)
-        if self._stopped:
-            return
-        handle.retry_call = self._clock.callLater(delay, self._wait_over, handle)
-        if options.probe and options.probe_interval < delay:
-            handle.probe_call = self._clock.callLater(options.probe_interval, self._probe, handle)
 
     def enter_recovering(self, handle: ServiceHandle) -> None:
         self._cancel_timers(handle)
         handle.next_retry_ts = None
-        log.info(
-            "{service} is RECOVERING: resending stored transactions", service=handle.id
-        )
+        log.info("{service} is RECOVERING: resending stored transactions", service=handle.id)
         self._persist(handle, State.RECOVERING)
-        self._observers.state_changed(
-            handle.id, str(State.DOWN), str(State.RECOVERING), None
-        )
         self._maker.kick(handle)
+        self._observers.state_changed(handle.id, str(State.DOWN), str(State.RECOVERING), None)
 
     def enter_up(self, handle: ServiceHandle) -> None:
         failures, handle.failure_count = handle.failure_count, 0
@@ -174,10 +176,12 @@ class Recoverer:
                 status=result.status,
             )
             handle.machine.retry()
-            return
-        interval = handle.registration.options.probe_interval
-        if handle.retry_call is not None and handle.retry_call.getTime() - self._clock.seconds() > interval:
-            handle.probe_call = self._clock.callLater(interval, self._probe, handle)
+        else:
+            interval = handle.registration.options.probe_interval
+            retry = handle.retry_call
+            if retry is not None and retry.getTime() - self._clock.seconds() > interval:
+                handle.probe_call = self._clock.callLater(interval, self._probe, handle)
+        self._observers.probe_done(handle.id, result)
 
     def _cancel_timers(self, handle: ServiceHandle) -> None:
         for call in (handle.retry_call, handle.probe_call):

@@ -179,7 +179,7 @@ def _parse(data: object, source: str) -> Registration:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise fail("url", f"must be an http:// or https:// URL with a host, not {url!r}")
         try:
-            parts.port
+            _ = parts.port
         except ValueError:
             raise fail("url", f"has an invalid port: {url!r}") from None
         url = url.rstrip("/")
@@ -196,13 +196,17 @@ def _parse(data: object, source: str) -> Registration:
         for i, entry in enumerate(entries):
             where = f"namespaces.{kind}[{i}]"
             if not isinstance(entry, Mapping):
-                raise fail(where, f"must be a mapping with regex and exclusive, not {_describe(entry)}")
+                raise fail(
+                    where, f"must be a mapping with regex and exclusive, not {_describe(entry)}"
+                )
             regex = entry.get("regex")
             if not isinstance(regex, str) or not regex:
                 raise fail(f"{where}.regex", f"must be a non-empty string, not {_describe(regex)}")
             exclusive = entry.get("exclusive")
             if not isinstance(exclusive, bool):
-                raise fail(f"{where}.exclusive", f"must be true or false, not {_describe(exclusive)}")
+                raise fail(
+                    f"{where}.exclusive", f"must be true or false, not {_describe(exclusive)}"
+                )
             try:
                 items.append(Namespace.of(regex, exclusive))
             except re.error as e:

@@ -96,7 +96,7 @@ class DeliveryService(Service):
         rng: random.Random | None = None,
     ) -> None:
         if reactor is None:
-            from twisted.internet import reactor  # noqa: PLC0415
+            from twisted.internet import reactor
         self.reactor = reactor
         self.clock: IReactorTime = clock if clock is not None else reactor
         self.store = store
@@ -133,7 +133,7 @@ class DeliveryService(Service):
     # -- IService --
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         self._start_waiters = []
         self._starting = Deferred.fromCoroutine(self._start())
 
@@ -202,7 +202,7 @@ class DeliveryService(Service):
             self._maker.kick(handle)
 
     def stopService(self) -> Deferred[None]:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
@@ -281,6 +281,17 @@ class DeliveryService(Service):
         handle = self._handles.get(service_id)
         if handle is not None:
             self._recoverer.retry_now(handle)
+
+    def routed(self) -> Deferred[None]:
+        """
+        Fires once every event submitted (or offered by the event source) before the call
+        is routed into the queues of the services that want it.
+        """
+        return Deferred.fromCoroutine(self._routed())
+
+    async def _routed(self) -> None:
+        await self._started()
+        await self._sorter.caught_up()
 
     def observe(self, observer: IDeliveryObserver) -> None:
         """Have ``observer`` told of state changes and transactions as they happen."""

@@ -55,6 +55,7 @@ class EventSorter:
         self._again = False
         self._timer: IDelayedCall | None = None
         self._stopped = True
+        self._idle_waiters: list[Deferred[None]] = []
 
     async def start(self) -> None:
         self.position = await self._store.sorter_position()
@@ -73,18 +74,33 @@ class EventSorter:
         self._timer = None
         self._running = Deferred.fromCoroutine(self._run())
 
+    def caught_up(self) -> Deferred[None]:
+        """Fires after a pass that began after this call found no more events."""
+        d: Deferred[None] = Deferred()
+        self._idle_waiters.append(d)
+        self.wake()
+        return d
+
     async def _run(self) -> None:
+        caught_up = False
         try:
             while not self._stopped:
                 self._again = False
                 routed = await self.sort_once()
                 if routed < self._batch_size and not self._again:
+                    caught_up = True
                     break
         except Exception:
-            log.failure("routing events failed; trying again in {interval} s",
-                        interval=self.poll_interval)
+            log.failure(
+                "routing events failed; trying again in {interval} s",
+                interval=self.poll_interval,
+            )
         finally:
             self._running = None
+        if caught_up:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
         if not self._stopped:
             self._timer = self._clock.callLater(self.poll_interval, self.wake)
 

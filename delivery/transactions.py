@@ -88,7 +88,7 @@ class TransactionMaker:
         log.failure("delivery to {service} failed unexpectedly", failure, service=handle.id)
         self._pool.reset(handle.id)
         if handle.state is not State.DOWN and not self._stopped:
-            error = f"internal error: {failure.type.__name__}: {failure.getErrorMessage()}"
+            error = f"internal error: {getattr(failure.type, '__name__', 'error')}: {failure.getErrorMessage()}"
             handle.machine.failed(SendResult(ok=False, error=error), None)
 
     async def cut(self, handle: ServiceHandle, full_only: bool = False) -> StoredTransaction | None:
@@ -97,17 +97,13 @@ class TransactionMaker:
         there is nothing to send (with ``full_only``: not a full batch).
         """
         options = handle.registration.options
-        events = await self._pool.batch(
-            handle.id, options.max_events, options.max_bytes, full_only
-        )
+        events = await self._pool.batch(handle.id, options.max_events, options.max_bytes, full_only)
         if not events:
             return None
         body = transaction_body([e.json for e in events])
         now = self._clock.seconds()
         first, last = events[0].stream_id, events[-1].stream_id
-        txn_id = await self._store.store_transaction(
-            handle.id, first, last, len(events), body, now
-        )
+        txn_id = await self._store.store_transaction(handle.id, first, last, len(events), body, now)
         self._pool.remove(handle.id, len(events))
         return StoredTransaction(handle.id, txn_id, body, len(events), first, last, now)
 
@@ -127,8 +123,8 @@ class TransactionMaker:
             await self._store.complete_transaction(handle.id, txn.txn_id, self._clock.seconds())
             self._observers.transaction_done(handle.id, txn, result)
             return True
-        self._observers.transaction_done(handle.id, txn, result)
         handle.machine.failed(result, txn)
+        self._observers.transaction_done(handle.id, txn, result)
         return False
 
     async def stop(self, handles: list[ServiceHandle]) -> None:

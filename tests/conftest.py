@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 import pytest_twisted
 
-from delivery.store import open_store
 from delivery._interfaces import IStore
+from delivery.store import open_store
 
 from .receiver import Receiver, start_receiver, stop_receiver
 

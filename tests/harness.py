@@ -7,7 +7,9 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from delivery import DeliveryService, Registration, SendResult
+from zope.interface import implementer
+
+from delivery import DeliveryService, IDeliveryObserver, Registration, SendResult
 from delivery.records import StoredTransaction
 
 from .receiver import HS_TOKEN, _waiter
@@ -39,7 +41,9 @@ def registration(
     )
 
 
-def event(n: int, sender: str = "@alice:hs", room: str = "!room:hs", **extra: Any) -> dict[str, Any]:
+def event(
+    n: int, sender: str = "@alice:hs", room: str = "!room:hs", **extra: Any
+) -> dict[str, Any]:
     return {
         "event_id": f"$e{n}",
         "type": "m.room.message",
@@ -50,12 +54,14 @@ def event(n: int, sender: str = "@alice:hs", room: str = "!room:hs", **extra: An
     }
 
 
+@implementer(IDeliveryObserver)
 class Recorder:
     """An observer that keeps what happened and lets a test wait for it."""
 
     def __init__(self) -> None:
         self.states: list[tuple[str, str, str, str | None]] = []
         self.results: list[tuple[str, StoredTransaction, SendResult]] = []
+        self.probes: list[tuple[str, SendResult]] = []
         self._waiters: list[tuple[Any, Deferred[None]]] = []
 
     def state_changed(self, service_id: str, old: str, new: str, reason: str | None) -> None:
@@ -66,9 +72,17 @@ class Recorder:
         self.results.append((service_id, txn, result))
         self._check()
 
+    def probe_done(self, service_id: str, result: SendResult) -> None:
+        self.probes.append((service_id, result))
+        self._check()
+
     def wait_for(self, condition: Any, timeout: float = 15) -> Deferred[None]:
         """Fires when ``condition()`` holds; fails after ``timeout`` real seconds."""
         return _waiter(self._waiters, condition, timeout)
+
+    def wait_for_acks(self, count: int) -> Deferred[None]:
+        """Until ``count`` transactions have been acknowledged (and forgotten)."""
+        return self.wait_for(lambda: sum(1 for _, _, r in self.results if r.ok) >= count)
 
     def wait_for_state(self, service_id: str, state: str) -> Deferred[None]:
         count = sum(1 for s in self.states if s[0] == service_id and s[2] == state)
@@ -84,7 +98,9 @@ class Recorder:
                 d.callback(None)
 
 
-def make_service(store: Any, registrations: list[Registration], reactor: Any, **kwargs: Any) -> tuple[DeliveryService, Recorder, Clock]:
+def make_service(
+    store: Any, registrations: list[Registration], reactor: Any, **kwargs: Any
+) -> tuple[DeliveryService, Recorder, Clock]:
     clock = kwargs.pop("clock", None) or Clock()
     service = DeliveryService(store, registrations, reactor=reactor, clock=clock, **kwargs)
     recorder = Recorder()

@@ -52,6 +52,7 @@ class Receiver(resource.Resource):
         self.default = Answer()
         self.script: list[Answer] = []
         self.hanging: list[server.Request] = []
+        self.held: list[Received] = []
         #: transaction requests answered 2xx, in order, resends included
         self.ok: list[Received] = []
         self._waiters: list[tuple[Callable[[], bool], Deferred[None]]] = []
@@ -107,7 +108,7 @@ class Receiver(resource.Resource):
             k.decode().lower(): [v.decode() for v in vs]
             for k, vs in request.requestHeaders.getAllRawHeaders()
         }
-        body = request.content.read()
+        body = request.content.read() if request.content is not None else b""
         received = Received(path.rsplit("/", 1)[-1], body, headers)
         if path == "/_matrix/app/v1/ping" and request.method == b"POST":
             self.pings.append(received)
@@ -121,6 +122,7 @@ class Receiver(resource.Resource):
             answer = Answer(403, b'{"errcode":"M_FORBIDDEN"}')
         if answer.hang:
             self.hanging.append(request)
+            self.held.append(received)
             self._check()
             return server.NOT_DONE_YET
         request.setResponseCode(answer.status)
@@ -141,8 +143,24 @@ class Receiver(resource.Resource):
     def release(self) -> None:
         """Drop the hanging requests' connections."""
         for request in self.hanging:
-            request.channel.transport.abortConnection()  # type: ignore[union-attr]
+            if request.channel is not None:
+                request.channel.transport.abortConnection()  # type: ignore[union-attr]
         self.hanging.clear()
+        self.held.clear()
+
+    def finish_held(self, status: int = 200) -> None:
+        """Answer the hanging requests now."""
+        for request, received in zip(self.hanging, self.held, strict=True):
+            if request.channel is None:
+                continue  # the client gave up
+            request.setResponseCode(status)
+            if 200 <= status < 300 and received in self.requests:
+                self.ok.append(received)
+            request.write(b"{}")
+            request.finish()
+        self.hanging.clear()
+        self.held.clear()
+        self._check()
 
 
 def _waiter(

@@ -13,7 +13,6 @@ from typing import Any, TypeVar
 
 from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorCore, IReactorThreads
 from zope.interface import implementer
 
 from .._interfaces import IStore
@@ -60,9 +59,9 @@ class SQLiteStore:
 
     def __init__(self, path: str, reactor: Any = None) -> None:
         if reactor is None:
-            from twisted.internet import reactor  # noqa: PLC0415
+            from twisted.internet import reactor
         self.path = path
-        self._reactor: IReactorCore & IReactorThreads = reactor
+        self._reactor = reactor
         self._pool: adbapi.ConnectionPool | None = None
 
     def __repr__(self) -> str:
@@ -190,16 +189,22 @@ class SQLiteStore:
                 "INSERT INTO events (stream_id, event_id, sender, room_id, type, state_key,"
                 " json, received_ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 [
-                    (s.stream_id, e.event_id, r.sender, r.room_id, r.type, r.state_key,
-                     e.json, s.received_ts)
+                    (
+                        s.stream_id,
+                        e.event_id,
+                        r.sender,
+                        r.room_id,
+                        r.type,
+                        r.state_key,
+                        e.json,
+                        s.received_ts,
+                    )
                     for s in new_events
                     for e in (s.event,)
                     for r in (e.routing,)
                 ],
             )
-        txn.executemany(
-            "INSERT INTO service_queue (service_id, stream_id) VALUES (?, ?)", queue
-        )
+        txn.executemany("INSERT INTO service_queue (service_id, stream_id) VALUES (?, ?)", queue)
         txn.execute("UPDATE sorter_position SET stream_id = ?", (position,))
 
     # -- services --
@@ -339,9 +344,7 @@ class SQLiteStore:
         return self._run(self._transactions, service_id, after, limit)
 
     @staticmethod
-    def _transactions(
-        txn: Any, service_id: str, after: int, limit: int
-    ) -> list[StoredTransaction]:
+    def _transactions(txn: Any, service_id: str, after: int, limit: int) -> list[StoredTransaction]:
         txn.execute(
             f"SELECT {_TXN_COLUMNS} FROM transactions WHERE service_id = ? AND txn_id > ?"
             " ORDER BY txn_id LIMIT ?",
@@ -375,7 +378,12 @@ class SQLiteStore:
         next_retry_ts: float | None,
     ) -> Deferred[None]:
         return self._run(
-            self._record_failure, service_id, txn_id, attempt_ts, error, failure_count,
+            self._record_failure,
+            service_id,
+            txn_id,
+            attempt_ts,
+            error,
+            failure_count,
             next_retry_ts,
         )
 

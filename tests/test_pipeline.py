@@ -1,0 +1,391 @@
+"""
+The delivery pipeline end to end, against a real HTTP receiver on 127.0.0.1: Synapse's
+application-service sender scenarios, and what we promise beyond them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest_twisted
+
+from delivery.store import open_store
+
+from .harness import event, make_service, registration
+from .receiver import start_receiver, stop_receiver
+
+
+def started(db_url: str, reactor: Any, regs: list[Any], **kwargs: Any) -> Any:
+    service, recorder, clock = make_service(open_store(db_url, reactor), regs, reactor, **kwargs)
+    service.startService()
+    return service, recorder, clock
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_event_is_sent_at_once_with_matrix_headers(db_url, reactor, receiver):
+    service, recorder, _ = started(
+        db_url, reactor, [registration("a", receiver.url, users="@alice:.*")]
+    )
+    try:
+        assert await service.submit([event(1)]) == [1]
+        await recorder.wait_for_acks(1)
+        (request,) = receiver.requests
+        assert request.txn_id == "1"
+        assert request.event_ids == ["$e1"]
+        assert request.events[0] == event(1)
+        assert request.headers["authorization"] == ["Bearer hs-secret-token"]
+        assert request.headers["content-type"] == ["application/json"]
+        status = await service.status("a")
+        assert status.state == "up"
+        assert status.stored_transactions == 0
+    finally:
+        await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_events_arriving_during_a_send_go_into_the_next_transaction(
+    db_url, reactor, receiver
+):
+    receiver.then(hang=True)
+    service, _, _ = started(db_url, reactor, [registration("a", receiver.url, users=".*")])
+    try:
+        await service.submit([event(1)])
+        await receiver.wait_for_requests(1)
+        for n in range(2, 6):
+            await service.submit([event(n)])
+        await service.routed()
+        receiver.finish_held(200)
+        await receiver.wait_for_events(5)
+        assert [r.event_ids for r in receiver.requests] == [
+            ["$e1"],
+            ["$e2", "$e3", "$e4", "$e5"],
+        ]
+        assert [r.txn_id for r in receiver.requests] == ["1", "2"]
+    finally:
+        await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_250_events_go_as_100_100_50(db_url, reactor, receiver):
+    service, _, _ = started(db_url, reactor, [registration("a", receiver.url, users=".*")])
+    try:
+        await service.submit([event(n) for n in range(250)])
+        await receiver.wait_for_events(250)
+        assert [len(r.event_ids) for r in receiver.requests] == [100, 100, 50]
+        assert [r.txn_id for r in receiver.requests] == ["1", "2", "3"]
+        assert receiver.event_ids == [f"$e{n}" for n in range(250)]
+    finally:
+        await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_max_bytes_cuts_transactions_by_size(db_url, reactor, receiver):
+    big = "x" * 1000
+    service, _, _ = started(
+        db_url, reactor, [registration("a", receiver.url, users=".*", max_bytes=3500)]
+    )
+    try:
+        await service.submit([event(n, content={"body": big}) for n in range(7)])
+        await receiver.wait_for_events(7)
+        sizes = [len(r.body) for r in receiver.requests]
+        assert all(size <= 3500 for size in sizes)
+        assert [len(r.event_ids) for r in receiver.requests] == [3, 3, 1]
+    finally:
+        await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_event_larger_than_max_bytes_is_sent_alone(db_url, reactor, receiver):
+    service, _, _ = started(
+        db_url, reactor, [registration("a", receiver.url, users=".*", max_bytes=500)]
+    )
+    try:
+        await service.submit([event(0), event(1, content={"body": "y" * 800}), event(2)])
+        await receiver.wait_for_events(3)
+        assert [r.event_ids for r in receiver.requests] == [["$e0"], ["$e1"], ["$e2"]]
+    finally:
+        await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_services_have_independent_queues(db_url, reactor, receiver):
+    other = await start_receiver(reactor)
+    other.answer(hang=True)
+    service, _, _ = started(
+        db_url,
+        reactor,
+        [registration("a", receiver.url, users=".*"), registration("b", other.url, users=".*")],
+    )
+    try:
+        for n in range(3):
+            await service.submit([event(n)])
+            await receiver.wait_for_events(n + 1)
+        assert receiver.event_ids == ["$e0", "$e1", "$e2"]
+        assert len(other.requests) == 1  # b has its first transaction in flight, hanging
+        assert (await service.status("b")).queued_events == 2
+    finally:
+        await service.stopService()
+        await stop_receiver(other)
+
+
+@pytest_twisted.ensureDeferred
+async def test_events_go_only_where_they_are_wanted(db_url, reactor, receiver):
+    other = await start_receiver(reactor)
+    service, _, _ = started(
+        db_url,
+        reactor,
+        [
+            registration("a", receiver.url, users="@a_.*"),
+            registration("b", other.url, rooms="!b:.*"),
+        ],
+    )
+    try:
+        await service.submit(
+            [
+                event(1, sender="@a_1:hs"),
+                event(2, room="!b:hs"),
+                event(3, sender="@a_1:hs", room="!b:hs"),
+                event(4, sender="@nobody:hs"),
+                event(5, sender="@x:hs", type="m.room.member", state_key="@a_2:hs"),
+            ]
+        )
+        await receiver.wait_for_events(3)
+        await other.wait_for_events(2)
+        await service.routed()
+        assert receiver.event_ids == ["$e1", "$e3", "$e5"]
+        assert other.event_ids == ["$e2", "$e3"]
+    finally:
+        await service.stopService()
+        await stop_receiver(other)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failure_marks_the_service_down_and_recovery_resends_the_same_transaction(
+    db_url, reactor, receiver
+):
+    receiver.answer(500, body=b'{"error":"boom"}')
+    service, recorder, clock = started(
+        db_url, reactor, [registration("a", receiver.url, users=".*")]
+    )
+    try:
+        down = recorder.wait_for_state("a", "down")
+        await service.submit([event(1)])
+        await down
+        status = await service.status("a")
+        assert status.state == "down"
+        assert status.stored_transactions == 1
+        assert status.failure_count == 1
+        assert "HTTP 500" in (status.last_error or "")
+        assert status.next_retry is not None
+        assert 0.8 <= status.next_retry - clock.seconds() <= 1.2
+        (txn,) = await service.store.transactions("a", 0, 10)
+        assert txn.attempts == 1
+        assert "HTTP 500" in (txn.last_error or "")
+
+        receiver.answer(200)
+        up = recorder.wait_for_state("a", "up")
+        clock.advance(status.next_retry - clock.seconds())
+        await up
+        assert [r.txn_id for r in receiver.requests] == ["1", "1"]
+        assert receiver.requests[0].body == receiver.requests[1].body
+        assert receiver.event_ids == ["$e1"]
+        status = await service.status("a")
+        assert (status.state, status.stored_transactions, status.last_error) == ("up", 0, None)
+        assert status.last_success is not None
+    finally:
+        await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_while_down_no_transactions_are_cut_and_recovery_sends_oldest_first_then_full_batches(
+    db_url, reactor, receiver
+):
+    receiver.answer(503)
+    service, recorder, _ = started(
+        db_url, reactor, [registration("a", receiver.url, users=".*", max_events=10)]
+    )
+    try:
+        down = recorder.wait_for_state("a", "down")
+        await service.submit([event(0)])
+        await down
+        await service.submit([event(n) for n in range(1, 36)])
+        await service.routed()
+        status = await service.status("a")
+        assert (status.stored_transactions, status.queued_events) == (1, 35)
+        assert len(receiver.requests) == 1
+
+        receiver.answer(200)
+        up = recorder.wait_for_state("a", "up")
+        await service.retry_now("a")
+        await up
+        await recorder.wait_for_acks(5)
+        assert [r.txn_id for r in receiver.requests] == ["1", "1", "2", "3", "4", "5"]
+        assert [len(r.event_ids) for r in receiver.requests[1:]] == [1, 10, 10, 10, 5]
+        assert receiver.event_ids == [f"$e{n}" for n in range(36)]
+        # UP came once the stored transaction and the full batches were through
+        transitions = [(old, new) for _, old, new, _ in recorder.states]
+        assert transitions == [("up", "down"), ("down", "recovering"), ("recovering", "up")]
+    finally:
+        await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_backoff_doubles_to_the_maximum_with_jitter(db_url, reactor, receiver):
+    receiver.answer(500)
+    service, recorder, clock = started(
+        db_url,
+        reactor,
+        [registration("a", receiver.url, users=".*", initial_delay=1, max_delay=40, probe=False)],
+    )
+    try:
+        down = recorder.wait_for_state("a", "down")
+        await service.submit([event(1)])
+        await down
+        waits = []
+        for _ in range(9):
+            status = await service.status("a")
+            assert status.next_retry is not None
+            wait = status.next_retry - clock.seconds()
+            waits.append(wait)
+            down = recorder.wait_for_state("a", "down")
+            clock.advance(wait)
+            await down
+        bases = [1, 2, 4, 8, 16, 32, 40, 40, 40]
+        for wait, base in zip(waits, bases, strict=True):
+            assert base * 0.8 <= wait <= base * 1.2, (waits, bases)
+        assert len({round(w, 6) for w in waits}) == len(waits)  # jittered, not exact
+        assert [r.txn_id for r in receiver.requests] == ["1"] * 10
+        status = await service.status("a")
+        assert status.failure_count == 10
+    finally:
+        await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_retry_after_is_honoured_up_to_the_maximum(db_url, reactor, receiver):
+    receiver.then(429, headers={"Retry-After": "120"})
+    receiver.then(503, headers={"Retry-After": "100000"})
+    service, recorder, clock = started(
+        db_url, reactor, [registration("a", receiver.url, users=".*", max_delay=600, probe=False)]
+    )
+    try:
+        down = recorder.wait_for_state("a", "down")
+        await service.submit([event(1)])
+        await down
+        status = await service.status("a")
+        assert status.next_retry - clock.seconds() == 120
+        down = recorder.wait_for_state("a", "down")
+        clock.advance(120)
+        await down
+        status = await service.status("a")
+        assert status.next_retry - clock.seconds() == 600
+        up = recorder.wait_for_state("a", "up")
+        clock.advance(600)
+        await up
+        assert receiver.event_ids == ["$e1"]
+    finally:
+        await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_retry_now_skips_the_wait(db_url, reactor, receiver):
+    receiver.then(500)
+    service, recorder, clock = started(
+        db_url,
+        reactor,
+        [registration("a", receiver.url, users=".*", initial_delay=3600, max_delay=3600)],
+    )
+    try:
+        down = recorder.wait_for_state("a", "down")
+        await service.submit([event(1)])
+        await down
+        up = recorder.wait_for_state("a", "up")
+        await service.retry_now("a")
+        await up
+        assert receiver.event_ids == ["$e1"]
+        assert clock.seconds() == 0
+    finally:
+        await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_probe_that_is_answered_ends_the_wait(db_url, reactor, receiver):
+    receiver.then(502)  # the transaction fails ...
+    receiver.then(502)  # ... and so does the first probe
+    receiver.then(404)  # the second probe is answered (several SDKs answer 404 to ping)
+    service, recorder, clock = started(
+        db_url,
+        reactor,
+        [registration("a", receiver.url, users=".*", initial_delay=60, probe_interval=5)],
+    )
+    try:
+        down = recorder.wait_for_state("a", "down")
+        await service.submit([event(1)])
+        await down
+        probed = recorder.wait_for(lambda: len(recorder.probes) == 1)
+        clock.advance(5)
+        await probed
+        assert recorder.probes[0][1].status == 502
+        assert (await service.status("a")).state == "down"
+        up = recorder.wait_for_state("a", "up")
+        clock.advance(5)
+        await up
+        assert len(receiver.pings) == 2
+        assert receiver.pings[0].headers["authorization"] == ["Bearer hs-secret-token"]
+        assert receiver.event_ids == ["$e1"]
+        assert clock.seconds() == 10
+    finally:
+        await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_receiver_that_hangs_times_out(db_url, reactor, receiver):
+    receiver.then(hang=True)
+    service, recorder, clock = started(
+        db_url, reactor, [registration("a", receiver.url, users=".*", request_timeout=30)]
+    )
+    try:
+        down = recorder.wait_for_state("a", "down")
+        await service.submit([event(1)])
+        await receiver.wait_for_requests(1)
+        clock.advance(30)
+        await down
+        status = await service.status("a")
+        assert status.last_error == "no complete answer within 30 s"
+    finally:
+        await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_connection_marks_down(db_url, reactor):
+    closed = await start_receiver(reactor)
+    url = closed.url
+    await stop_receiver(closed)
+    service, recorder, _ = started(db_url, reactor, [registration("a", url, users=".*")])
+    try:
+        down = recorder.wait_for_state("a", "down")
+        await service.submit([event(1)])
+        await down
+        assert (await service.status("a")).last_error == "connection refused"
+    finally:
+        await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_status_reports_the_oldest_pending_age(db_url, reactor, receiver):
+    receiver.answer(500)
+    service, recorder, clock = started(
+        db_url, reactor, [registration("a", receiver.url, users=".*", initial_delay=100)]
+    )
+    try:
+        down = recorder.wait_for_state("a", "down")
+        await service.submit([event(1)])
+        await down
+        clock.advance(7)
+        await service.submit([event(2)])
+        await service.routed()
+        status = await service.status("a")
+        assert status.oldest_pending_age == 7
+        assert (status.queued_events, status.stored_transactions) == (1, 1)
+    finally:
+        await service.stopService()
