@@ -74,6 +74,9 @@ def prepare_one(index: int, event: object, max_event_bytes: int) -> Event:
                 index, f"{event_id}: {key!r} must be a string, not {type(value).__name__}"
             )
         fields[key] = value
+    problem = _json_problem(event)
+    if problem:
+        raise InvalidEventError(index, f"{event_id}: {problem}")
     try:
         data = _encoder.encode(event).encode("utf-8")
     except (TypeError, ValueError, UnicodeEncodeError) as e:
@@ -85,6 +88,30 @@ def prepare_one(index: int, event: object, max_event_bytes: int) -> Event:
             f"{max_event_bytes} bytes",
         )
     return Event(event_id, RoutingFields(**fields), data)
+
+
+#: deeper nesting than this is refused (no real event comes close)
+MAX_DEPTH = 100
+
+
+def _json_problem(event: Mapping[str, object]) -> str | None:
+    """What keeps ``event`` from being a JSON object as given (keys, depth), if anything."""
+    stack: list[tuple[object, int]] = [(event, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return f"is nested more than {MAX_DEPTH} levels deep"
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    return f"has a key that is not a string: {key!r}"
+                if isinstance(item, (Mapping, list, tuple)):
+                    stack.append((item, depth + 1))
+        elif isinstance(value, (list, tuple)):
+            stack.extend(
+                (item, depth + 1) for item in value if isinstance(item, (Mapping, list, tuple))
+            )
+    return None
 
 
 def transaction_body(events: Sequence[bytes]) -> bytes:

@@ -27,32 +27,32 @@ from .registration import Registration
 MEMBER_EVENT = "m.room.member"
 
 # Patterns that cannot be joined into one alternation without changing their meaning:
-# back-references (group numbers shift), named groups (names may clash) and global flags.
-_UNCOMBINABLE = re.compile(r"\\[1-9]|\(\?P[<=]|\(\?<|\(\?[aiLmsux]+\)")
+# back-references and conditional groups (group numbers shift), named groups (names may
+# clash) and global flags.
+_UNCOMBINABLE = re.compile(r"\\[1-9]|\(\?P[<=]|\(\?<|\(\?\(|\(\?[aiLmsux]+\)")
 
 
 class _Matcher:
     """All the patterns of one namespace kind, over every registration."""
 
     def __init__(self, patterns: Sequence[tuple[str, re.Pattern[str]]], cache_size: int) -> None:
-        self._patterns = patterns
-        combinable = [p.pattern for _, p in patterns if not _UNCOMBINABLE.search(p.pattern)]
+        self.empty = not patterns
+        # Joinable patterns sit behind one combined prefilter; the others are tried one by one.
+        self._joined = [(s, p) for s, p in patterns if not _UNCOMBINABLE.search(p.pattern)]
+        self._alone = [(s, p) for s, p in patterns if _UNCOMBINABLE.search(p.pattern)]
         self._prefilter: re.Pattern[str] | None = None
-        if combinable and len(combinable) == len(patterns):
+        if self._joined:
             try:
-                self._prefilter = re.compile("|".join(f"(?:{p})" for p in combinable))
-            except re.error:
-                self._prefilter = None
+                self._prefilter = re.compile("|".join(f"(?:{p.pattern})" for _, p in self._joined))
+            except (re.error, OverflowError, RecursionError):
+                self._alone, self._joined = list(patterns), []
         self.services = lru_cache(maxsize=cache_size)(self._services)
 
     def _services(self, value: str) -> frozenset[str]:
-        if self._prefilter is not None and self._prefilter.match(value) is None:
-            return frozenset()
-        return frozenset(sid for sid, p in self._patterns if p.match(value))
-
-    @property
-    def empty(self) -> bool:
-        return not self._patterns
+        found = {sid for sid, p in self._alone if p.match(value)}
+        if self._prefilter is not None and self._prefilter.match(value) is not None:
+            found.update(sid for sid, p in self._joined if p.match(value))
+        return frozenset(found)
 
 
 @attrs.frozen

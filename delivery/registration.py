@@ -8,6 +8,7 @@ Existing bridge registration files load unchanged: keys we do not use (``protoco
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,8 +36,12 @@ class Namespace:
         return cls(regex, exclusive, re.compile(regex))
 
 
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+    if not _number(value) or not value > 0:
         raise ValueError(f"{attribute.name} must be a positive number, not {value!r}")
 
 
@@ -46,7 +51,7 @@ def _positive_int(instance: object, attribute: attrs.Attribute[Any], value: int)
 
 
 def _fraction(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+    if not _number(value) or not 0 <= value < 1:
         raise ValueError(f"{attribute.name} must be a number from 0 to below 1, not {value!r}")
 
 
@@ -156,17 +161,29 @@ def _parse(data: object, source: str) -> Registration:
     if not isinstance(data, Mapping):
         raise fail(None, f"expected a mapping of keys, found {type(data).__name__}")
 
-    def string(key: str) -> str:
+    def string(key: str, secret: bool = False) -> str:
         if key not in data:
             raise fail(key, "is required")
         value = data[key]
         if not isinstance(value, str) or not value:
-            raise fail(key, f"must be a non-empty string, not {_describe(value)}")
+            # a secret's value is never repeated: error messages end up in logs
+            found = type(value).__name__ if secret and value else _describe(value)
+            raise fail(key, f"must be a non-empty string, not {found}")
+        return value
+
+    def optional(key: str, kind: type, default: Any, where: str | None = None) -> Any:
+        value = (data if where is None else data.get(where) or {}).get(key)
+        if value is None:
+            return default
+        if not isinstance(value, kind):
+            field = key if where is None else f"{where}.{key}"
+            noun = "a mapping" if kind is Mapping else "a list"
+            raise fail(field, f"must be {noun}, not {_describe(value)}")
         return value
 
     service_id = string("id")
-    as_token = string("as_token")
-    hs_token = string("hs_token")
+    as_token = string("as_token", secret=True)
+    hs_token = string("hs_token", secret=True)
     sender_localpart = string("sender_localpart")
 
     if "url" not in data:
@@ -175,23 +192,21 @@ def _parse(data: object, source: str) -> Registration:
     if url is not None:
         if not isinstance(url, str):
             raise fail("url", f"must be a string or null, not {_describe(url)}")
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as e:
+            raise fail("url", f"is not a valid URL ({e}): {url!r}") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise fail("url", f"must be an http:// or https:// URL with a host, not {url!r}")
-        try:
-            _ = parts.port
-        except ValueError:
-            raise fail("url", f"has an invalid port: {url!r}") from None
+        if port == 0:
+            raise fail("url", f"has port 0, which nothing listens on: {url!r}")
         url = url.rstrip("/")
 
-    namespaces = data.get("namespaces") or {}
-    if not isinstance(namespaces, Mapping):
-        raise fail("namespaces", f"must be a mapping, not {_describe(namespaces)}")
+    optional("namespaces", Mapping, {})
     parsed: dict[str, tuple[Namespace, ...]] = {}
     for kind in NAMESPACE_KINDS:
-        entries = namespaces.get(kind) or []
-        if not isinstance(entries, list):
-            raise fail(f"namespaces.{kind}", f"must be a list, not {_describe(entries)}")
+        entries = optional(kind, list, [], where="namespaces")
         items = []
         for i, entry in enumerate(entries):
             where = f"namespaces.{kind}[{i}]"
@@ -209,13 +224,11 @@ def _parse(data: object, source: str) -> Registration:
                 )
             try:
                 items.append(Namespace.of(regex, exclusive))
-            except re.error as e:
+            except (re.error, OverflowError, RecursionError) as e:
                 raise fail(f"{where}.regex", f"is not a valid regular expression: {e}") from None
         parsed[kind] = tuple(items)
 
-    raw_options = data.get("delivery") or {}
-    if not isinstance(raw_options, Mapping):
-        raise fail("delivery", f"must be a mapping of options, not {_describe(raw_options)}")
+    raw_options = optional("delivery", Mapping, {})
     for key in raw_options:
         if key not in _OPTION_NAMES:
             known = ", ".join(sorted(_OPTION_NAMES))

@@ -72,7 +72,9 @@ class EventSorter:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        self._running = Deferred.fromCoroutine(self._run())
+        running = Deferred.fromCoroutine(self._run())
+        if not running.called:  # a pass may end before it returns (a synchronous source)
+            self._running = running
 
     def caught_up(self) -> Deferred[None]:
         """Fires after a pass that began after this call found no more events."""

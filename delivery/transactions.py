@@ -49,7 +49,9 @@ class TransactionMaker:
         """Make sure the service's loop looks for work (events arrived, state changed)."""
         handle.wanted = True
         if handle.loop is None and not self._stopped and handle.state is not State.DOWN:
-            handle.loop = Deferred.fromCoroutine(self._run(handle))
+            loop = Deferred.fromCoroutine(self._run(handle))
+            if not loop.called:  # a loop that found nothing to do may end before it returns
+                handle.loop = loop
 
     async def _run(self, handle: ServiceHandle) -> None:
         try:

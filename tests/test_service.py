@@ -1,0 +1,174 @@
+"""DeliveryService as an embedder uses it: the public API, outside event sources, errors."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import Deferred, succeed
+from zope.interface import implementer
+
+import delivery
+from delivery import (
+    DeliveryService,
+    IEventSource,
+    NotAcceptingEventsError,
+    StoredEvent,
+    UnknownServiceError,
+)
+from delivery.store import open_store
+from delivery.store._schema import SCHEMA_VERSION
+
+from .harness import event, make_service, registration
+
+
+def test_the_public_surface_is_what_the_design_names() -> None:
+    for name in ("DeliveryService", "Registration"):
+        assert name in delivery.__all__
+    assert sorted(delivery.__all__) == sorted(set(delivery.__all__))
+    for name in delivery.__all__:
+        assert getattr(delivery, name).__module__.startswith("delivery")
+    assert callable(delivery.store.open_store)
+    for method in ("submit", "status", "retry_now", "startService", "stopService"):
+        assert callable(getattr(DeliveryService, method))
+
+
+def test_registration_ids_must_be_unique(store: Any) -> None:
+    regs = [registration("a", "http://127.0.0.1:1"), registration("a", "http://127.0.0.1:2")]
+    with pytest.raises(ValueError, match="two registrations have the id 'a'"):
+        DeliveryService(store, regs)
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_services_are_reported_by_name(db_url: str, reactor: Any) -> None:
+    service, _, _ = make_service(open_store(db_url, reactor), [], reactor)
+    service.startService()
+    try:
+        with pytest.raises(UnknownServiceError, match="no application service with id 'nope'"):
+            await service.status("nope")
+        with pytest.raises(UnknownServiceError):
+            await service.retry_now("nope")
+    finally:
+        await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_submit_before_start_says_so(db_url: str, reactor: Any) -> None:
+    service, _, _ = make_service(open_store(db_url, reactor), [], reactor)
+    with pytest.raises(delivery.DeliveryError, match="call startService"):
+        await service.submit([event(1)])
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_start_failure_is_reported_to_callers(tmp_path: Path, reactor: Any) -> None:
+    path = tmp_path / "future.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    conn.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION + 1,))
+    conn.commit()
+    conn.close()
+    service, _, _ = make_service(open_store(f"sqlite:///{path}", reactor), [], reactor)
+    service.startService()
+    try:
+        with pytest.raises(Exception, match="upgrade delivery"):
+            await service.submit([event(1)])
+    finally:
+        await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_service_without_url_receives_nothing(db_url, reactor, receiver) -> None:
+    regs = [registration("quiet", None, users=".*"), registration("a", receiver.url, users=".*")]
+    service, recorder, _ = make_service(open_store(db_url, reactor), regs, reactor)
+    service.startService()
+    try:
+        await service.submit([event(1)])
+        await recorder.wait_for_acks(1)
+        status = await service.status("quiet")
+        assert (status.state, status.queued_events) == ("up", 0)
+    finally:
+        await service.stopService()
+
+
+@implementer(IEventSource)
+class ListSource:
+    """An embedder's own event source: a list with stream positions 10, 20, 30, ..."""
+
+    def __init__(self) -> None:
+        self.events: list[StoredEvent] = []
+
+    def add(self, *events: dict[str, Any]) -> None:
+        for e in events:
+            self.events.append(StoredEvent.of(10 * (len(self.events) + 1), e, 0.0))
+
+    def events_after(self, position: int, limit: int) -> Deferred[Sequence[StoredEvent]]:
+        return succeed([e for e in self.events if e.stream_id > position][:limit])
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_embedder_can_plug_its_own_event_source(db_url, reactor, receiver) -> None:
+    source = ListSource()
+    source.add(event(1), event(2, sender="@nobody-wants:hs"), event(3))
+    regs = [registration("a", receiver.url, users="@alice:.*")]
+    service, recorder, clock = make_service(
+        open_store(db_url, reactor), regs, reactor, event_source=source, poll_interval=5
+    )
+    service.startService()
+    try:
+        await recorder.wait_for_acks(1)
+        assert receiver.event_ids == ["$e1", "$e3"]
+        with pytest.raises(NotAcceptingEventsError):
+            await service.submit([event(4)])
+        source.add(event(4))
+        clock.advance(5)  # the next poll finds it
+        await recorder.wait_for_acks(2)
+        assert receiver.event_ids == ["$e1", "$e3", "$e4"]
+    finally:
+        await service.stopService()
+
+    # the position is kept: a restart does not deliver anything twice
+    service, recorder, _ = make_service(
+        open_store(db_url, reactor), regs, reactor, event_source=source
+    )
+    service.startService()
+    try:
+        await service.routed()
+        source.add(event(5))
+        await service.routed()
+        await recorder.wait_for_acks(1)
+        assert receiver.event_ids == ["$e1", "$e3", "$e4", "$e5"]
+        assert [r.txn_id for r in receiver.requests] == ["1", "2", "3"]
+    finally:
+        await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_memory_does_not_grow_with_the_backlog(db_url, reactor, receiver) -> None:
+    receiver.answer(500)
+    regs = [registration("a", receiver.url, users=".*", max_events=10, initial_delay=3600,
+                         max_delay=3600)]
+    service, recorder, _ = make_service(open_store(db_url, reactor), regs, reactor, pool_window=25)
+    service.startService()
+    try:
+        down = recorder.wait_for_state("a", "down")
+        await service.submit([event(0)])
+        await down
+        for start in range(1, 2001, 500):
+            await service.submit([event(n) for n in range(start, start + 500)])
+        await service.routed()
+        assert service._pool.pending("a") <= 25
+        assert (await service.status("a")).queued_events == 2000
+
+        receiver.answer(200)
+        up = recorder.wait_for_state("a", "up")
+        await service.retry_now("a")
+        await up
+        await receiver.wait_for_events(2001)
+        assert receiver.event_ids == [f"$e{n}" for n in range(2001)]
+        assert [len(r.event_ids) for r in receiver.requests[2:]] == [10] * 200
+    finally:
+        await service.stopService()

@@ -1,0 +1,128 @@
+"""The store on a real SQLite file: schema, atomic batches, idempotent ingest, invariants."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+
+from delivery.errors import InvalidStoreURLError
+from delivery.events import prepare
+from delivery.store import SchemaTooNewError, SQLiteStore, open_store
+from delivery.store._schema import SCHEMA_VERSION
+
+from .harness import event
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("sqlite://", "names no file"),
+        ("sqlite://host/x.db", "has no host"),
+        ("mysql://localhost/x", "unknown kind 'mysql'"),
+        ("delivery.db", "unknown kind ''"),
+    ],
+)
+def test_open_store_rejects_urls_it_cannot_use(url: str, message: str) -> None:
+    with pytest.raises(InvalidStoreURLError, match=message):
+        open_store(url)
+
+
+def test_open_store_reads_relative_and_absolute_sqlite_paths() -> None:
+    relative = open_store("sqlite:///data/delivery.db")
+    absolute = open_store("sqlite:////var/lib/delivery.db")
+    assert isinstance(relative, SQLiteStore)
+    assert isinstance(absolute, SQLiteStore)
+    assert relative.path == "data/delivery.db"
+    assert absolute.path == "/var/lib/delivery.db"
+
+
+@pytest_twisted.ensureDeferred
+async def test_migrations_run_once_and_the_file_is_in_wal_mode(db_url: str, reactor: Any) -> None:
+    path = db_url.removeprefix("sqlite:///")
+    for _ in range(2):
+        store = open_store(db_url, reactor)
+        await store.open()
+        await store.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+    assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    conn.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_database_from_a_newer_version_is_refused(tmp_path: Path, reactor: Any) -> None:
+    path = tmp_path / "new.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    conn.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION + 1,))
+    conn.commit()
+    conn.close()
+    store = open_store(f"sqlite:///{path}", reactor)
+    with pytest.raises(SchemaTooNewError, match="upgrade delivery"):
+        await store.open()
+    await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_insert_events_is_idempotent_on_event_id(store: Any) -> None:
+    first = await store.insert_events(prepare([event(1), event(2)]), 10.0)
+    again = await store.insert_events(prepare([event(3), event(2), event(3)]), 20.0)
+    assert first == [1, 2]
+    assert again == [3, 2, 3]
+    stored = await store.events_after(0, 10)
+    assert [(s.stream_id, s.event.event_id, s.received_ts) for s in stored] == [
+        (1, "$e1", 10.0),
+        (2, "$e2", 10.0),
+        (3, "$e3", 20.0),
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_sorting_and_cutting_keep_the_queue_consistent(store: Any) -> None:
+    await store.ensure_services(["a"])
+    ids = await store.insert_events(prepare([event(n) for n in range(5)]), 0.0)
+    await store.commit_sorted(ids[-1], [("a", i) for i in ids], ())
+    assert await store.sorter_position() == 5
+    queued = await store.queued("a", 0, 3)
+    assert [q.stream_id for q in queued] == [1, 2, 3]
+    txn_id = await store.store_transaction("a", 1, 3, 3, b"body", 1.0)
+    assert txn_id == 1
+    assert [q.stream_id for q in await store.queued("a", 0, 10)] == [4, 5]
+    summary = await store.summary("a")
+    assert (summary.queued_events, summary.stored_transactions) == (2, 1)
+    # a cut that does not match the queue is refused, and changes nothing
+    with pytest.raises(RuntimeError, match="expected 3"):
+        await store.store_transaction("a", 4, 5, 3, b"body", 1.0)
+    assert [q.stream_id for q in await store.queued("a", 0, 10)] == [4, 5]
+    assert (await store.services())["a"].last_txn_id == 1
+    await store.complete_transaction("a", 1, 2.0)
+    assert await store.oldest_transaction("a") is None
+    assert (await store.store_transaction("a", 4, 5, 2, b"more", 3.0)) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_failures_are_recorded_on_the_transaction_and_the_service(store: Any) -> None:
+    await store.ensure_services(["a"])
+    ids = await store.insert_events(prepare([event(1)]), 0.0)
+    await store.commit_sorted(ids[-1], [("a", ids[0])], ())
+    await store.store_transaction("a", 1, 1, 1, b"body", 1.0)
+    await store.record_failure("a", 1, 5.0, "HTTP 500", 1, 6.0)
+    await store.record_failure("a", 1, 7.0, "connection refused", 2, 9.0)
+    txn = await store.oldest_transaction("a")
+    assert (txn.attempts, txn.first_attempt_ts, txn.last_attempt_ts, txn.last_error) == (
+        2,
+        5.0,
+        7.0,
+        "connection refused",
+    )
+    assert txn.body == b"body"
+    record = (await store.services())["a"]
+    assert (record.failure_count, record.next_retry_ts, record.last_error) == (
+        2,
+        9.0,
+        "connection refused",
+    )
