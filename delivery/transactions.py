@@ -90,7 +90,8 @@ class TransactionMaker:
         log.failure("delivery to {service} failed unexpectedly", failure, service=handle.id)
         self._pool.reset(handle.id)
         if handle.state is not State.DOWN and not self._stopped:
-            error = f"internal error: {getattr(failure.type, '__name__', 'error')}: {failure.getErrorMessage()}"
+            kind = getattr(failure.type, "__name__", "error")
+            error = f"internal error: {kind}: {failure.getErrorMessage()}"
             handle.machine.failed(SendResult(ok=False, error=error), None)
 
     async def cut(self, handle: ServiceHandle, full_only: bool = False) -> StoredTransaction | None:
@@ -114,6 +115,8 @@ class TransactionMaker:
         Send a stored transaction. On a 2xx forget it and return True; otherwise mark the
         service DOWN (the Recoverer takes over) and return False.
         """
+        if self._stopped:
+            return False
         handle.in_flight = handle.sender.send(txn)
         try:
             result = await handle.in_flight
