@@ -19,7 +19,7 @@ class InvalidEventError(DeliveryError, ValueError):
     def __init__(self, index: int, reason: str) -> None:
         self.index = index
         self.reason = reason
-        super().__init__(f"event {index}: {reason}")
+        super().__init__(f"event {index}: {reason}" if index >= 0 else reason)
 
 
 class InvalidRegistrationError(DeliveryError, ValueError):

@@ -15,9 +15,9 @@ import random
 import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 
 from ._interfaces import IStore, SendResult
+from ._log import Logger
 from ._observers import Observers
 from ._state import ServiceHandle, State
 from .records import StoredTransaction
@@ -57,6 +57,21 @@ class BackoffPolicy:
         if retry_after is not None and retry_after > wait:
             wait = min(retry_after, self.max_delay)
         return wait
+
+
+#: answers to a probe that do not end the wait: the receiver is there but refuses us
+#: (a wrong hs_token, rate limiting) and would refuse the transaction just the same
+PROBE_REFUSALS = frozenset({401, 403, 408, 429})
+
+
+def probe_reached(result: SendResult) -> bool:
+    """
+    Whether a probe's answer shows the receiver is back: any HTTP answer below 500 (several
+    SDKs answer 404 to a ping they do not implement), except the refusals above.
+    """
+    return (
+        result.status is not None and result.status < 500 and (result.status not in PROBE_REFUSALS)
+    )
 
 
 class Recoverer:
@@ -107,7 +122,7 @@ class Recoverer:
                 ),
                 handle,
             )
-        if not self._stopped:
+        if not (self._stopped or handle.retired):
             handle.retry_call = self._clock.callLater(delay, self._wait_over, handle)
             if options.probe and options.probe_interval < delay:
                 handle.probe_call = self._clock.callLater(
@@ -166,10 +181,9 @@ class Recoverer:
 
     def _probed(self, result: SendResult, handle: ServiceHandle) -> None:
         handle.probing = None
-        if handle.state is not State.DOWN or self._stopped:
+        if handle.state is not State.DOWN or self._stopped or handle.retired:
             return
-        if result.status is not None and result.status < 500:
-            # Any HTTP answer means the receiver is there (several SDKs answer 404).
+        if probe_reached(result):
             log.info(
                 "{service} answered a probe (HTTP {status}): retrying now",
                 service=handle.id,
@@ -202,9 +216,13 @@ class Recoverer:
         handle.machine.retry()
 
     def stop(self, handles: list[ServiceHandle]) -> None:
-        self._stopped = True
+        """Cancel every wait and probe of these services (all of them, when stopping)."""
         for handle in handles:
             self._cancel_timers(handle)
+
+    def stop_all(self, handles: list[ServiceHandle]) -> None:
+        self._stopped = True
+        self.stop(handles)
 
     # -- persistence --
 

@@ -36,18 +36,35 @@ class Namespace:
         return cls(regex, exclusive, re.compile(regex))
 
 
+#: the longest any wait or timeout may be, seconds (a week)
+MAX_SECONDS = 7 * 24 * 3600
+
+
 def _number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    # ints are checked against a bound before any float conversion (10**400 has none)
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and (isinstance(value, int) or math.isfinite(value))
+    )
 
 
-def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
-    if not _number(value) or not value > 0:
-        raise ValueError(f"{attribute.name} must be a positive number, not {value!r}")
+def _seconds(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not _number(value) or not 0 < value <= MAX_SECONDS:
+        raise ValueError(
+            f"{attribute.name} must be a positive number of seconds, at most {MAX_SECONDS},"
+            f" not {value!r}"
+        )
 
 
-def _positive_int(instance: object, attribute: attrs.Attribute[Any], value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{attribute.name} must be a positive integer, not {value!r}")
+def _count(most: int) -> Any:
+    def check(instance: object, attribute: attrs.Attribute[Any], value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= most:
+            raise ValueError(
+                f"{attribute.name} must be a positive integer, at most {most}, not {value!r}"
+            )
+
+    return check
 
 
 def _fraction(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
@@ -73,23 +90,23 @@ class DeliveryOptions:
     """Per-registration delivery options (the optional ``delivery:`` key)."""
 
     #: most events in one transaction
-    max_events: int = attrs.field(default=100, validator=_positive_int)
+    max_events: int = attrs.field(default=100, validator=_count(100_000))
     #: most bytes of body in one transaction (a single larger event is sent alone)
-    max_bytes: int = attrs.field(default=900 * 1024, validator=_positive_int)
+    max_bytes: int = attrs.field(default=900 * 1024, validator=_count(1 << 30))
     #: first wait after a failure, seconds
-    initial_delay: float = attrs.field(default=1.0, validator=_positive)
+    initial_delay: float = attrs.field(default=1.0, validator=_seconds)
     #: longest wait between attempts, seconds
-    max_delay: float = attrs.field(default=300.0, validator=_positive)
+    max_delay: float = attrs.field(default=300.0, validator=_seconds)
     #: relative jitter applied to every wait (0.2 is ±20 %)
     jitter: float = attrs.field(default=0.2, validator=_fraction)
     #: how often a DOWN service is probed, seconds
-    probe_interval: float = attrs.field(default=5.0, validator=_positive)
+    probe_interval: float = attrs.field(default=5.0, validator=_seconds)
     #: whether a DOWN service is probed at all
     probe: bool = attrs.field(default=True, validator=_boolean)
     #: connect timeout of one request, seconds
-    connect_timeout: float = attrs.field(default=10.0, validator=_positive)
+    connect_timeout: float = attrs.field(default=10.0, validator=_seconds)
     #: whole-request timeout (headers and body), seconds
-    request_timeout: float = attrs.field(default=30.0, validator=_positive)
+    request_timeout: float = attrs.field(default=30.0, validator=_seconds)
     #: wire protocol; only ``matrix`` so far
     protocol: str = attrs.field(default="matrix", validator=_protocol)
 
@@ -124,17 +141,24 @@ class Registration:
     options: DeliveryOptions = DeliveryOptions()
 
     @classmethod
-    def from_dict(cls, data: object, source: str = "<mapping>") -> Registration:
+    def from_dict(
+        cls,
+        data: object,
+        source: str = "<mapping>",
+        defaults: DeliveryOptions | None = None,
+    ) -> Registration:
         """
         Build a registration from a parsed Matrix registration mapping.
 
+        ``defaults`` are the options for whatever the ``delivery:`` key leaves out.
+
         :raises InvalidRegistrationError: naming ``source`` and the faulty field.
         """
-        return _parse(data, source)
+        return _parse(data, source, defaults or DeliveryOptions())
 
     @classmethod
-    def from_file(cls, path: str | Path) -> Registration:
-        """Read a Matrix registration YAML file."""
+    def from_file(cls, path: str | Path, defaults: DeliveryOptions | None = None) -> Registration:
+        """Read a Matrix registration YAML file (``defaults`` as for :meth:`from_dict`)."""
         source = str(path)
         try:
             text = Path(path).read_text(encoding="utf-8")
@@ -151,10 +175,35 @@ class Registration:
             raise InvalidRegistrationError(
                 source, None, f"it is not valid YAML{where}: {problem}"
             ) from None
-        return _parse(data, source)
+        return _parse(data, source, defaults or DeliveryOptions())
 
 
-def _parse(data: object, source: str) -> Registration:
+class InvalidOptionError(ValueError):
+    """A delivery option is unknown or has a bad value; ``option`` names it if it can."""
+
+    def __init__(self, option: str | None, message: str) -> None:
+        self.option = option
+        super().__init__(message)
+
+
+def parse_options(raw: Mapping[str, Any], defaults: DeliveryOptions) -> DeliveryOptions:
+    """
+    ``defaults`` with the options of ``raw`` applied.
+
+    :raises InvalidOptionError: for an unknown or invalid option.
+    """
+    for key in raw:
+        if key not in _OPTION_NAMES:
+            known = ", ".join(sorted(_OPTION_NAMES))
+            raise InvalidOptionError(str(key), f"{key} is not a known option (known: {known})")
+    try:
+        return attrs.evolve(defaults, **raw)
+    except ValueError as e:
+        name = str(e).split(" ", 1)[0]
+        raise InvalidOptionError(name if name in _OPTION_NAMES else None, str(e)) from None
+
+
+def _parse(data: object, source: str, defaults: DeliveryOptions) -> Registration:
     def fail(field: str | None, reason: str) -> InvalidRegistrationError:
         return InvalidRegistrationError(source, field, reason)
 
@@ -199,6 +248,10 @@ def _parse(data: object, source: str) -> Registration:
             raise fail("url", f"is not a valid URL ({e}): {url!r}") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise fail("url", f"must be an http:// or https:// URL with a host, not {url!r}")
+        if parts.query or parts.fragment or "?" in url or "#" in url:
+            raise fail("url", f"must not have a query or fragment: {url!r}")
+        if any(c.isspace() for c in parts.netloc):
+            raise fail("url", f"has white space in its host: {url!r}")
         if port == 0:
             raise fail("url", f"has port 0, which nothing listens on: {url!r}")
         url = url.rstrip("/")
@@ -229,16 +282,10 @@ def _parse(data: object, source: str) -> Registration:
         parsed[kind] = tuple(items)
 
     raw_options = optional("delivery", Mapping, {})
-    for key in raw_options:
-        if key not in _OPTION_NAMES:
-            known = ", ".join(sorted(_OPTION_NAMES))
-            raise fail(f"delivery.{key}", f"is not a known option (known: {known})")
     try:
-        options = DeliveryOptions(**raw_options)
-    except (TypeError, ValueError) as e:
-        name = str(e).split(" ", 1)[0]
-        field = f"delivery.{name}" if name in _OPTION_NAMES else "delivery"
-        raise fail(field, str(e)) from None
+        options = parse_options(raw_options, defaults)
+    except InvalidOptionError as e:
+        raise fail(f"delivery.{e.option}" if e.option else "delivery", str(e)) from None
 
     return Registration(
         id=service_id,

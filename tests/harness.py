@@ -6,7 +6,6 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-
 from zope.interface import implementer
 
 from delivery import DeliveryService, IDeliveryObserver, Registration, SendResult
@@ -62,6 +61,8 @@ class Recorder:
         self.states: list[tuple[str, str, str, str | None]] = []
         self.results: list[tuple[str, StoredTransaction, SendResult]] = []
         self.probes: list[tuple[str, SendResult]] = []
+        self.ingested = 0
+        self.routed: dict[str, int] = {}
         self._waiters: list[tuple[Any, Deferred[None]]] = []
 
     def state_changed(self, service_id: str, old: str, new: str, reason: str | None) -> None:
@@ -75,6 +76,13 @@ class Recorder:
     def probe_done(self, service_id: str, result: SendResult) -> None:
         self.probes.append((service_id, result))
         self._check()
+
+    def events_ingested(self, count: int) -> None:
+        self.ingested += count
+
+    def events_routed(self, counts: Any) -> None:
+        for service_id, count in counts.items():
+            self.routed[service_id] = self.routed.get(service_id, 0) + count
 
     def wait_for(self, condition: Any, timeout: float = 15) -> Deferred[None]:
         """Fires when ``condition()`` holds; fails after ``timeout`` real seconds."""
