@@ -9,8 +9,10 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["delivery", "delivery.*"]),
-    package_data={"delivery": ["py.typed"]},
+    # twisted/plugins holds the twistd plugin (no __init__.py: it extends Twisted's own)
+    packages=[*find_packages(include=["delivery", "delivery.*"]), "twisted.plugins"],
+    package_data={"delivery": ["py.typed"], "twisted.plugins": ["delivery_plugin.py"]},
+    entry_points={"console_scripts": ["delivery = delivery.cli:main"]},
     install_requires=[
         "twisted>=24.7",
         "treq>=24.9",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -107,6 +107,18 @@ class IStore(IEventSource):
     def summary(service_id: str) -> Deferred[ServiceSummary]:
         """What is pending for the service."""
 
+    def summaries() -> Deferred[dict[str, ServiceSummary]]:
+        """What is pending, for every service the store knows."""
+
+    def sorter_lag() -> Deferred[tuple[int, float | None]]:
+        """Events not routed yet, and when the oldest of them arrived."""
+
+    def purge_service(service_id: str) -> Deferred[tuple[int, int]]:
+        """Delete a service's queue, stored transactions and record; the counts deleted."""
+
+    def ping() -> Deferred[None]:
+        """Fails if the database does not answer."""
+
 
 @attrs.frozen
 class SendResult:
@@ -149,3 +161,9 @@ class IDeliveryObserver(Interface):
 
     def probe_done(service_id: str, result: SendResult) -> None:
         """A probe of a DOWN service ended with ``result``."""
+
+    def events_ingested(count: int) -> None:
+        """``count`` new events were committed by ``submit()``."""
+
+    def events_routed(counts: Mapping[str, int]) -> None:
+        """The sorter put this many events into each service's queue."""

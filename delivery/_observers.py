@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from twisted.logger import Logger
+from collections.abc import Mapping
 
 from ._interfaces import IDeliveryObserver, SendResult
+from ._log import Logger
 from .records import StoredTransaction
 
 log = Logger()
 
 
 class Observers:
+    """Calls every observer in turn; an observer that raises is logged and skipped."""
+
     def __init__(self) -> None:
         self._observers: list[IDeliveryObserver] = []
 
@@ -20,23 +23,26 @@ class Observers:
     def remove(self, observer: IDeliveryObserver) -> None:
         self._observers.remove(observer)
 
-    def state_changed(self, service_id: str, old: str, new: str, reason: str | None) -> None:
+    def _tell(self, method: str, *args: object) -> None:
         for observer in list(self._observers):
             try:
-                observer.state_changed(service_id, old, new, reason)
+                getattr(observer, method)(*args)
             except Exception:
-                log.failure("observer {observer!r} failed on a state change", observer=observer)
+                log.failure(
+                    "observer {observer!r} failed in {method}", observer=observer, method=method
+                )
+
+    def state_changed(self, service_id: str, old: str, new: str, reason: str | None) -> None:
+        self._tell("state_changed", service_id, old, new, reason)
 
     def transaction_done(self, service_id: str, txn: StoredTransaction, result: SendResult) -> None:
-        for observer in list(self._observers):
-            try:
-                observer.transaction_done(service_id, txn, result)
-            except Exception:
-                log.failure("observer {observer!r} failed on a transaction", observer=observer)
+        self._tell("transaction_done", service_id, txn, result)
 
     def probe_done(self, service_id: str, result: SendResult) -> None:
-        for observer in list(self._observers):
-            try:
-                observer.probe_done(service_id, result)
-            except Exception:
-                log.failure("observer {observer!r} failed on a probe", observer=observer)
+        self._tell("probe_done", service_id, result)
+
+    def events_ingested(self, count: int) -> None:
+        self._tell("events_ingested", count)
+
+    def events_routed(self, counts: Mapping[str, int]) -> None:
+        self._tell("events_routed", counts)

@@ -124,6 +124,8 @@ class ServiceHandle:
     retry_call: IDelayedCall | None = None
     probe_call: IDelayedCall | None = None
     probing: Deferred[SendResult] | None = None
+    #: removed from the registrations: nothing more is sent
+    retired: bool = False
 
     @property
     def id(self) -> str:

@@ -11,6 +11,8 @@ class QueuedEvent:
 
     stream_id: int
     json: bytes
+    #: when the event was ingested (clock seconds)
+    received_ts: float = 0.0
 
 
 @attrs.frozen
@@ -32,6 +34,9 @@ class StoredTransaction:
     first_attempt_ts: float | None = None
     last_attempt_ts: float | None = None
     last_error: str | None = None
+    #: when each event was ingested, for latency figures; known only to the process that
+    #: cut the transaction (empty when read back from the store)
+    received_ts: tuple[float, ...] = attrs.field(default=(), eq=False, repr=False)
 
 
 @attrs.frozen

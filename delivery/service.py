@@ -13,10 +13,10 @@ import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ._interfaces import IDeliveryObserver, IEventSource, ISender, IStore
+from ._log import Logger
 from ._observers import Observers
 from ._state import ServiceCore, ServiceHandle, State, service_machine
 from .errors import DeliveryError, UnknownServiceError
@@ -24,6 +24,7 @@ from .events import DEFAULT_MAX_EVENT_BYTES, prepare
 from .interest import InterestIndex
 from .matrix import ConnectionPool, MatrixSender
 from .pool import DEFAULT_WINDOW, EventPool
+from .records import StoredTransaction
 from .recoverer import Recoverer
 from .registration import Registration
 from .sorter import AliasLookup, EventSorter
@@ -55,6 +56,47 @@ class ServiceStatus:
     next_retry: float | None
     #: the highest transaction id given out so far
     last_txn_id: int
+
+
+#: the state reported for a service that is no longer registered but has data stored
+ORPHANED = "orphaned"
+
+
+@attrs.frozen
+class ReloadResult:
+    """The service ids a :meth:`DeliveryService.reload` added, changed and removed."""
+
+    added: tuple[str, ...]
+    changed: tuple[str, ...]
+    removed: tuple[str, ...]
+
+
+@attrs.frozen
+class PurgeResult:
+    """What :meth:`DeliveryService.purge` deleted."""
+
+    queued_events: int
+    stored_transactions: int
+
+
+class ServiceRegisteredError(DeliveryError):
+    """Only an orphaned service (removed from the registrations) can be purged."""
+
+    def __init__(self, service_id: str) -> None:
+        self.service_id = service_id
+        super().__init__(
+            f"service {service_id!r} is registered: remove it from the registrations (and"
+            " reload) before purging its data"
+        )
+
+
+def _by_id(registrations: Iterable[Registration]) -> dict[str, Registration]:
+    found: dict[str, Registration] = {}
+    for registration in registrations:
+        if registration.id in found:
+            raise ValueError(f"two registrations have the id {registration.id!r}")
+        found[registration.id] = registration
+    return found
 
 
 class NotAcceptingEventsError(DeliveryError):
@@ -100,11 +142,8 @@ class DeliveryService(Service):
         self.reactor = reactor
         self.clock: IReactorTime = clock if clock is not None else reactor
         self.store = store
-        self.registrations: dict[str, Registration] = {}
-        for registration in registrations:
-            if registration.id in self.registrations:
-                raise ValueError(f"two registrations have the id {registration.id!r}")
-            self.registrations[registration.id] = registration
+        self.registrations = _by_id(registrations)
+        self._server_name = server_name
         if poll_interval <= 0:
             raise ValueError(f"poll_interval must be positive, not {poll_interval!r}")
         self.max_event_bytes = max_event_bytes
@@ -124,8 +163,11 @@ class DeliveryService(Service):
             source=event_source,
             poll_interval=poll_interval,
             alias_lookup=alias_lookup,
+            observers=self._observers,
         )
         self._handles: dict[str, ServiceHandle] = {}
+        #: handles of removed services, whose loops may still be ending
+        self._retired: list[ServiceHandle] = []
         self._starting: Deferred[None] | None = None
         self._start_failure: Failure | None = None
         self._start_waiters: list[Deferred[None]] | None = None
@@ -147,6 +189,10 @@ class DeliveryService(Service):
         for waiter in waiters:
             waiter.callback(None)
 
+    def started(self) -> Deferred[None]:
+        """Fires once the service has started (store open, recovery begun), or fails why not."""
+        return Deferred.fromCoroutine(self._started())
+
     async def _started(self) -> None:
         """Wait until the service has started; raise why it could not."""
         if self._starting is None:
@@ -160,9 +206,14 @@ class DeliveryService(Service):
 
     async def _start_pipeline(self) -> None:
         await self.store.open()
-        await self.store.ensure_services(list(self.registrations))
+        await self._activate(list(self.registrations.values()))
+        await self._sorter.start()
+
+    async def _activate(self, registrations: list[Registration]) -> None:
+        """Start delivering to these services: recover the ones with stored transactions."""
+        await self.store.ensure_services([r.id for r in registrations])
         records = await self.store.services()
-        for registration in self.registrations.values():
+        for registration in registrations:
             if registration.url is None and registration.id not in self._senders:
                 continue
             record = records[registration.id]
@@ -176,12 +227,15 @@ class DeliveryService(Service):
                 if record.state != str(State.UP):
                     await self.store.set_state(registration.id, str(State.UP))
                 self._maker.kick(handle)
-        await self._sorter.start()
 
-    def _handle(self, registration: Registration, state: State) -> ServiceHandle:
+    def _sender(self, registration: Registration) -> ISender:
         sender = self._senders.get(registration.id)
         if sender is None:
             sender = MatrixSender(registration, self._connections, self.clock)
+        return sender
+
+    def _handle(self, registration: Registration, state: State) -> ServiceHandle:
+        sender = self._sender(registration)
         recoverer = self._recoverer
         holder: list[ServiceHandle] = []
         core = ServiceCore(
@@ -208,8 +262,8 @@ class DeliveryService(Service):
     async def _stop(self) -> None:
         if self._starting is not None:
             await self._starting
-        handles = list(self._handles.values())
-        self._recoverer.stop(handles)
+        handles = list(self._handles.values()) + self._retired
+        self._recoverer.stop_all(handles)
         await self._sorter.stop()
         await self._maker.stop(handles)
         await self._connections.close()
@@ -239,6 +293,7 @@ class DeliveryService(Service):
         await self._started()
         ids = await self.store.insert_events(prepared, self.clock.seconds())
         self._sorter.wake()
+        self._observers.events_ingested(len(prepared))
         return ids
 
     def status(self, service_id: str) -> Deferred[ServiceStatus]:
@@ -246,16 +301,20 @@ class DeliveryService(Service):
         return Deferred.fromCoroutine(self._status(service_id))
 
     async def _status(self, service_id: str) -> ServiceStatus:
-        if service_id not in self.registrations:
-            raise UnknownServiceError(service_id)
-        await self._started()
+        await self._known(service_id)
         summary = await self.store.summary(service_id)
         record = (await self.store.services())[service_id]
         handle = self._handles.get(service_id)
         now = self.clock.seconds()
         return ServiceStatus(
             service_id=service_id,
-            state=str(handle.state) if handle else record.state,
+            state=(
+                str(handle.state)
+                if handle
+                else record.state
+                if service_id in self.registrations
+                else ORPHANED
+            ),
             queued_events=summary.queued_events,
             stored_transactions=summary.stored_transactions,
             oldest_pending_age=(
@@ -275,9 +334,9 @@ class DeliveryService(Service):
         return Deferred.fromCoroutine(self._retry_now(service_id))
 
     async def _retry_now(self, service_id: str) -> None:
+        await self._started()
         if service_id not in self.registrations:
             raise UnknownServiceError(service_id)
-        await self._started()
         handle = self._handles.get(service_id)
         if handle is not None:
             self._recoverer.retry_now(handle)
@@ -292,6 +351,101 @@ class DeliveryService(Service):
     async def _routed(self) -> None:
         await self._started()
         await self._sorter.caught_up()
+
+    def reload(self, registrations: Iterable[Registration]) -> Deferred[ReloadResult]:
+        """
+        Change the set of services while running. A new service starts at once; a changed
+        one keeps its state and queue and uses its new settings from its next request; a
+        removed one stops being sent to but keeps its queue and stored transactions
+        (reported as ``orphaned``) until :meth:`purge` removes them or it comes back.
+        """
+        new = _by_id(registrations)
+        return Deferred.fromCoroutine(self._reload(new))
+
+    async def _reload(self, new: dict[str, Registration]) -> ReloadResult:
+        await self._started()
+        old = self.registrations
+        added = sorted(new.keys() - old.keys())
+        removed = sorted(old.keys() - new.keys())
+        changed = sorted(i for i in new.keys() & old.keys() if new[i] != old[i])
+        self.registrations = new
+        self._sorter.index = InterestIndex(new.values(), server_name=self._server_name)
+        for service_id in removed + changed:
+            handle = self._handles.pop(service_id, None)
+            if handle is not None:
+                self._retire(handle)
+        await self._activate([new[i] for i in changed + added])
+        log.info(
+            "registrations reloaded: {added} added, {changed} changed, {removed} removed",
+            added=len(added),
+            changed=len(changed),
+            removed=len(removed),
+        )
+        return ReloadResult(tuple(added), tuple(changed), tuple(removed))
+
+    def _retire(self, handle: ServiceHandle) -> None:
+        """Stop sending to a service; what it has stored stays in the database."""
+        handle.retired = True
+        self._retired.append(handle)
+        self._recoverer.stop([handle])
+        if handle.in_flight is not None:
+            handle.in_flight.cancel()
+        self._pool.reset(handle.id)
+
+    async def service_ids(self) -> list[str]:
+        """Every service: the registered ones and the orphaned ones the database still has."""
+        await self._started()
+        return sorted(set(self.registrations) | set(await self.store.services()))
+
+    def purge(self, service_id: str) -> Deferred[PurgeResult]:
+        """
+        Delete the queue and stored transactions of an orphaned service (one removed from
+        the registrations), and its record.
+
+        :raises UnknownServiceError: if the database knows no such service.
+        :raises ServiceRegisteredError: if it is still registered.
+        """
+        return Deferred.fromCoroutine(self._purge(service_id))
+
+    async def _purge(self, service_id: str) -> PurgeResult:
+        await self._started()
+        if service_id in self.registrations:
+            raise ServiceRegisteredError(service_id)
+        if service_id not in await self.store.services():
+            raise UnknownServiceError(service_id)
+        events, transactions = await self.store.purge_service(service_id)
+        log.info(
+            "purged orphaned service {service}: {events} queued events and {transactions}"
+            " stored transactions deleted",
+            service=service_id,
+            events=events,
+            transactions=transactions,
+        )
+        return PurgeResult(events, transactions)
+
+    def transactions(
+        self, service_id: str, after: int = 0, limit: int = 100
+    ) -> Deferred[list[StoredTransaction]]:
+        """The stored (unacknowledged) transactions of a service, oldest first."""
+        return Deferred.fromCoroutine(self._transactions(service_id, after, limit))
+
+    async def _transactions(
+        self, service_id: str, after: int, limit: int
+    ) -> list[StoredTransaction]:
+        await self._known(service_id)
+        return await self.store.transactions(service_id, after, limit)
+
+    async def _known(self, service_id: str) -> None:
+        await self._started()
+        if service_id not in self.registrations and service_id not in await self.store.services():
+            raise UnknownServiceError(service_id)
+
+    def state_of(self, service_id: str) -> str:
+        """The state of a service as known in memory: ``orphaned`` if not registered."""
+        handle = self._handles.get(service_id)
+        if handle is not None:
+            return str(handle.state)
+        return str(State.UP) if service_id in self.registrations else ORPHANED
 
     def observe(self, observer: IDeliveryObserver) -> None:
         """Have ``observer`` told of state changes and transactions as they happen."""

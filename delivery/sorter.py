@@ -13,9 +13,10 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger
 
 from ._interfaces import IEventSource, IStore
+from ._log import Logger
+from ._observers import Observers
 from .events import StoredEvent
 from .interest import InterestIndex
 from .pool import EventPool
@@ -39,6 +40,7 @@ class EventSorter:
         poll_interval: float = 1.0,
         batch_size: int = 1000,
         alias_lookup: AliasLookup | None = None,
+        observers: Observers | None = None,
     ) -> None:
         self._store = store
         self._source: IEventSource = source if source is not None else store
@@ -50,6 +52,7 @@ class EventSorter:
         self.poll_interval = poll_interval
         self._batch_size = batch_size
         self._alias_lookup = alias_lookup
+        self._observers = observers
         self.position = 0
         self._running: Deferred[None] | None = None
         self._again = False
@@ -121,7 +124,7 @@ class EventSorter:
             services = route(stored.event.routing, aliases.get(room, ()) if room else ())
             if services:
                 wanted.append(stored)
-                queued = QueuedEvent(stored.stream_id, stored.event.json)
+                queued = QueuedEvent(stored.stream_id, stored.event.json, stored.received_ts)
                 for service_id in services:
                     queue.append((service_id, stored.stream_id))
                     by_service.setdefault(service_id, []).append(queued)
@@ -130,6 +133,8 @@ class EventSorter:
         self.position = position
         for service_id, queued_events in by_service.items():
             self._pool.add(service_id, queued_events)
+        if self._observers is not None and by_service:
+            self._observers.events_routed({s: len(q) for s, q in by_service.items()})
         return len(events)
 
     async def _aliases(self, events: Sequence[StoredEvent]) -> dict[str, Sequence[str]]:

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ._interfaces import IStore, SendResult
+from ._log import Logger
 from ._observers import Observers
 from ._state import ServiceHandle, State
 from .events import transaction_body
@@ -48,14 +48,16 @@ class TransactionMaker:
     def kick(self, handle: ServiceHandle) -> None:
         """Make sure the service's loop looks for work (events arrived, state changed)."""
         handle.wanted = True
-        if handle.loop is None and not self._stopped and handle.state is not State.DOWN:
+        if handle.retired or self._stopped:
+            return
+        if handle.loop is None and handle.state is not State.DOWN:
             loop = Deferred.fromCoroutine(self._run(handle))
             if not loop.called:  # a loop that found nothing to do may end before it returns
                 handle.loop = loop
 
     async def _run(self, handle: ServiceHandle) -> None:
         try:
-            while not self._stopped:
+            while not (self._stopped or handle.retired):
                 txn: StoredTransaction | None
                 if handle.state is State.RECOVERING:
                     assert self.recoverer is not None
@@ -78,7 +80,7 @@ class TransactionMaker:
             self._crashed(handle, Failure())
         finally:
             handle.loop = None
-        if handle.state is State.RECOVERING and not self._stopped:
+        if handle.state is State.RECOVERING and not (self._stopped or handle.retired):
             # Retried while the loop was ending: start it again.
             self.kick(handle)
 
@@ -89,7 +91,7 @@ class TransactionMaker:
         """
         log.failure("delivery to {service} failed unexpectedly", failure, service=handle.id)
         self._pool.reset(handle.id)
-        if handle.state is not State.DOWN and not self._stopped:
+        if handle.state is not State.DOWN and not (self._stopped or handle.retired):
             kind = getattr(failure.type, "__name__", "error")
             error = f"internal error: {kind}: {failure.getErrorMessage()}"
             handle.machine.failed(SendResult(ok=False, error=error), None)
@@ -108,21 +110,30 @@ class TransactionMaker:
         first, last = events[0].stream_id, events[-1].stream_id
         txn_id = await self._store.store_transaction(handle.id, first, last, len(events), body, now)
         self._pool.remove(handle.id, len(events))
-        return StoredTransaction(handle.id, txn_id, body, len(events), first, last, now)
+        return StoredTransaction(
+            handle.id,
+            txn_id,
+            body,
+            len(events),
+            first,
+            last,
+            now,
+            received_ts=tuple(e.received_ts for e in events),
+        )
 
     async def deliver(self, handle: ServiceHandle, txn: StoredTransaction) -> bool:
         """
         Send a stored transaction. On a 2xx forget it and return True; otherwise mark the
         service DOWN (the Recoverer takes over) and return False.
         """
-        if self._stopped:
+        if self._stopped or handle.retired:
             return False
         handle.in_flight = handle.sender.send(txn)
         try:
             result = await handle.in_flight
         finally:
             handle.in_flight = None
-        if self._stopped:
+        if self._stopped or handle.retired:
             return False
         if result.ok:
             await self._store.complete_transaction(handle.id, txn.txn_id, self._clock.seconds())

@@ -260,6 +260,64 @@ class SQLiteStore:
             oldest_ts = row[0] if row else None
         return ServiceSummary(queued, stored, oldest_ts)
 
+    def summaries(self) -> Deferred[dict[str, ServiceSummary]]:
+        return self._run(self._summaries)
+
+    @staticmethod
+    def _summaries(txn: Any) -> dict[str, ServiceSummary]:
+        txn.execute(
+            "SELECT s.service_id,"
+            " (SELECT COUNT(*) FROM service_queue q WHERE q.service_id = s.service_id),"
+            " (SELECT MIN(stream_id) FROM service_queue q WHERE q.service_id = s.service_id),"
+            " (SELECT COUNT(*) FROM transactions t WHERE t.service_id = s.service_id),"
+            " (SELECT MIN(first_stream_id) FROM transactions t"
+            "  WHERE t.service_id = s.service_id)"
+            " FROM services s"
+        )
+        rows = txn.fetchall()
+        result = {}
+        for service_id, queued, oldest_queued, stored, oldest_stored in rows:
+            oldest = min((x for x in (oldest_queued, oldest_stored) if x is not None), default=None)
+            oldest_ts = None
+            if oldest is not None:
+                txn.execute("SELECT received_ts FROM events WHERE stream_id = ?", (oldest,))
+                row = txn.fetchone()
+                oldest_ts = row[0] if row else None
+            result[service_id] = ServiceSummary(queued, stored, oldest_ts)
+        return result
+
+    def sorter_lag(self) -> Deferred[tuple[int, float | None]]:
+        return self._run(self._sorter_lag)
+
+    @staticmethod
+    def _sorter_lag(txn: Any) -> tuple[int, float | None]:
+        txn.execute(
+            "SELECT COUNT(*), MIN(received_ts) FROM events"
+            " WHERE stream_id > (SELECT stream_id FROM sorter_position)"
+        )
+        count, oldest = txn.fetchone()
+        return int(count), oldest
+
+    def purge_service(self, service_id: str) -> Deferred[tuple[int, int]]:
+        return self._run(self._purge_service, service_id)
+
+    @staticmethod
+    def _purge_service(txn: Any, service_id: str) -> tuple[int, int]:
+        txn.execute("DELETE FROM service_queue WHERE service_id = ?", (service_id,))
+        events = txn.rowcount
+        txn.execute("DELETE FROM transactions WHERE service_id = ?", (service_id,))
+        transactions = txn.rowcount
+        txn.execute("DELETE FROM services WHERE service_id = ?", (service_id,))
+        return events, transactions
+
+    def ping(self) -> Deferred[None]:
+        return self._run(self._ping)
+
+    @staticmethod
+    def _ping(txn: Any) -> None:
+        txn.execute("SELECT 1")
+        txn.fetchone()
+
     # -- queues and transactions --
 
     def queued(self, service_id: str, after: int, limit: int) -> Deferred[list[QueuedEvent]]:
@@ -268,12 +326,12 @@ class SQLiteStore:
     @staticmethod
     def _queued(txn: Any, service_id: str, after: int, limit: int) -> list[QueuedEvent]:
         txn.execute(
-            "SELECT q.stream_id, e.json FROM service_queue q"
+            "SELECT q.stream_id, e.json, e.received_ts FROM service_queue q"
             " JOIN events e ON e.stream_id = q.stream_id"
             " WHERE q.service_id = ? AND q.stream_id > ? ORDER BY q.stream_id LIMIT ?",
             (service_id, after, limit),
         )
-        return [QueuedEvent(stream_id, bytes(json)) for stream_id, json in txn.fetchall()]
+        return [QueuedEvent(stream_id, bytes(json), ts) for stream_id, json, ts in txn.fetchall()]
 
     def store_transaction(
         self,

@@ -1,0 +1,252 @@
+"""
+The daemon's configuration file (YAML).
+
+Every key is checked: an unknown key or a bad value is an error that names the file, the
+key and the fix. Secrets may come from the environment: a value ``${NAME}`` is replaced by
+the variable ``NAME``, so tokens need not sit in the file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import yaml
+
+from ._log import LEVELS as LOG_LEVELS
+from .errors import DeliveryError
+from .events import DEFAULT_MAX_EVENT_BYTES
+from .registration import DeliveryOptions, InvalidOptionError, Registration, parse_options
+
+DEFAULT_LISTEN = "tcp:8008:interface=127.0.0.1"
+
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class ConfigError(DeliveryError, ValueError):
+    """The configuration file cannot be used; the message says where and why."""
+
+    def __init__(self, source: str, key: str | None, reason: str) -> None:
+        self.source = source
+        self.key = key
+        self.reason = reason
+        where = f"{source}: key {key!r}" if key else source
+        super().__init__(f"invalid configuration {where}: {reason}")
+
+
+@attrs.frozen
+class LogConfig:
+    #: the least important level ``delivery`` logs (debug, info, warn, error, critical);
+    #: where logs go is twistd's business (--logfile, --logger)
+    level: str = "info"
+
+
+@attrs.frozen
+class Config:
+    """A checked configuration; relative paths in the file are taken from the file's folder."""
+
+    source: str
+    database: str
+    listen: str
+    ingest_token: str = attrs.field(repr=False)
+    admin_token: str = attrs.field(repr=False)
+    #: the token Prometheus sends to /metrics (the admin token when not set)
+    metrics_token: str = attrs.field(repr=False)
+    app_service_config_files: tuple[Path, ...]
+    poll_interval: float = 1.0
+    server_name: str | None = None
+    max_events_per_request: int = 1000
+    max_request_bytes: int = 10 * 1024 * 1024
+    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
+    defaults: DeliveryOptions = attrs.Factory(DeliveryOptions)
+    log: LogConfig = attrs.Factory(LogConfig)
+
+    def registrations(self) -> list[Registration]:
+        """
+        Read every registration file.
+
+        :raises InvalidRegistrationError: for the first file that is not valid.
+        :raises ConfigError: when two files use the same id.
+        """
+        found: dict[str, Path] = {}
+        result = []
+        for path in self.app_service_config_files:
+            registration = Registration.from_file(path, self.defaults)
+            if registration.id in found:
+                raise ConfigError(
+                    self.source,
+                    "app_service_config_files",
+                    f"{path} and {found[registration.id]} both use the id {registration.id!r}",
+                )
+            found[registration.id] = path
+            result.append(registration)
+        return result
+
+
+def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
+    """
+    Read and check a configuration file.
+
+    :raises ConfigError: naming the file and the key.
+    """
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(source, None, f"cannot read it: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(source, None, "it is not UTF-8 text") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(source, None, f"it is not valid YAML{where}: {problem}") from None
+    return parse_config(
+        data, source, Path(path).resolve().parent, os.environ if environ is None else environ
+    )
+
+
+def parse_config(data: object, source: str, base: Path, environ: Mapping[str, str]) -> Config:
+    """Check a parsed configuration mapping; relative paths are taken from ``base``."""
+
+    def fail(key: str | None, reason: str) -> ConfigError:
+        return ConfigError(source, key, reason)
+
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise fail(None, f"expected a mapping of keys, found {type(data).__name__}")
+    known = {a.name for a in attrs.fields(Config)} - {"source"}
+    for key in data:
+        if key not in known:
+            raise fail(str(key), f"is not a known key (known: {', '.join(sorted(known))})")
+
+    def expand(key: str, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+
+        def variable(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in environ:
+                raise fail(key, f"uses the environment variable {name}, which is not set")
+            return environ[name]
+
+        return _VARIABLE.sub(variable, value)
+
+    def get(key: str, default: Any = None) -> Any:
+        return expand(key, data.get(key)) if data.get(key) is not None else default
+
+    def string(key: str, default: str | None = None, secret: bool = False) -> str:
+        value = get(key, default)
+        if not isinstance(value, str):
+            found = type(value).__name__ if secret else repr(value)
+            raise fail(key, f"must be a string, not {found}")
+        return value
+
+    def token(key: str) -> str:
+        value = string(key, "", secret=True)
+        if not value.strip():
+            raise fail(
+                key,
+                "is empty: set a long random token (or ${VARIABLE} to read it from the"
+                " environment); delivery does not run without one",
+            )
+        return value
+
+    def number(key: str, default: float, integer: bool = False) -> Any:
+        value = get(key, default)
+        kind = int if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kind) or not value > 0:
+            noun = "a positive integer" if integer else "a positive number"
+            raise fail(key, f"must be {noun}, not {value!r}")
+        return value
+
+    database = string("database", f"sqlite:///{base / 'delivery.db'}")
+    if database.startswith("sqlite:///") and not database.startswith("sqlite:////"):
+        relative = database.removeprefix("sqlite:///")
+        if relative and relative != ":memory:":
+            database = f"sqlite:///{base / relative}"
+
+    files = get("app_service_config_files", [])
+    if not isinstance(files, list) or not all(isinstance(f, str) and f for f in files):
+        raise fail("app_service_config_files", "must be a list of registration file paths")
+    paths = tuple(base / expand("app_service_config_files", f) for f in files)  # type: ignore[operator]
+
+    raw_defaults = get("defaults", {})
+    if not isinstance(raw_defaults, Mapping):
+        raise fail("defaults", "must be a mapping of delivery options")
+    try:
+        defaults = parse_options(raw_defaults, DeliveryOptions())
+    except InvalidOptionError as e:
+        raise fail(f"defaults.{e.option}" if e.option else "defaults", str(e)) from None
+
+    raw_log = get("log", {})
+    if not isinstance(raw_log, Mapping):
+        raise fail("log", "must be a mapping, such as {level: info}")
+    for key in raw_log:
+        if key != "level":
+            raise fail(f"log.{key}", "is not a known key (known: level)")
+    level = raw_log.get("level", "info")
+    if level not in LOG_LEVELS:
+        raise fail("log.level", f"must be one of {', '.join(LOG_LEVELS)}, not {level!r}")
+
+    admin_token = token("admin_token")
+    listen = string("listen", DEFAULT_LISTEN)
+    problem = _endpoint_problem(listen)
+    if problem:
+        raise fail(
+            "listen",
+            f"is not a Twisted endpoint description ({problem}): {listen!r};"
+            " for example tcp:8008:interface=127.0.0.1",
+        )
+
+    server_name = get("server_name")
+    if server_name is not None and (not isinstance(server_name, str) or not server_name):
+        raise fail("server_name", f"must be a homeserver name, not {server_name!r}")
+
+    return Config(
+        source=source,
+        database=database,
+        listen=listen,
+        ingest_token=token("ingest_token"),
+        admin_token=admin_token,
+        metrics_token=token("metrics_token")
+        if data.get("metrics_token") is not None
+        else admin_token,
+        app_service_config_files=paths,
+        poll_interval=number("poll_interval", 1.0),
+        server_name=server_name,
+        max_events_per_request=number("max_events_per_request", 1000, integer=True),
+        max_request_bytes=number("max_request_bytes", 10 * 1024 * 1024, integer=True),
+        max_event_bytes=number("max_event_bytes", DEFAULT_MAX_EVENT_BYTES, integer=True),
+        defaults=defaults,
+        log=LogConfig(level),
+    )
+
+
+def _endpoint_problem(description: str) -> str | None:
+    from twisted.internet import endpoints, reactor
+
+    try:
+        endpoints.serverFromString(reactor, description)
+    except (ValueError, TypeError, KeyError) as e:
+        return str(e) or type(e).__name__
+    return None
+
+
+def check(
+    path: str | Path, environ: Mapping[str, str] | None = None
+) -> tuple[Config, list[Registration]]:
+    """
+    Load the configuration and every registration.
+
+    :raises ConfigError: or :class:`InvalidRegistrationError`, for the first problem.
+    """
+    config = load_config(path, environ)
+    return config, config.registrations()

@@ -1,0 +1,213 @@
+"""
+The standalone daemon: ``twistd -n delivery --config delivery.yaml``.
+
+The twistd plugin (``twisted/plugins/delivery_plugin.py``) points here: ``Options`` reads
+the command line and checks the configuration before anything starts, ``makeService``
+builds the daemon: the DeliveryService and the HTTP API, with metrics, and SIGHUP to
+reload the registrations.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IListeningPort
+from twisted.python import usage
+from twisted.python.failure import Failure
+from twisted.web import server
+
+from ._log import Logger, set_level
+from .api import Api, Limits, Tokens, make_site
+from .config import Config, check
+from .errors import DeliveryError
+from .metrics import Metrics
+from .service import DeliveryService, ReloadResult
+from .store import open_store
+
+log = Logger()
+
+
+class Listener(Service):
+    """Serves a site on a Twisted endpoint; ``port`` is the listening port once started."""
+
+    def __init__(self, description: str, site: server.Site, reactor: Any) -> None:
+        self.description = description
+        self.site = site
+        self.reactor = reactor
+        self.port: IListeningPort | None = None
+        self.listening: Deferred[IListeningPort] | None = None
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        endpoint = endpoints.serverFromString(self.reactor, self.description)
+        self.listening = endpoint.listen(self.site)
+        self.listening.addCallbacks(self._listening, self._failed)
+
+    def _listening(self, port: IListeningPort) -> IListeningPort:
+        self.port = port
+        address = port.getHost()
+        log.info(
+            "HTTP API listening on {host}:{port}",
+            host=getattr(address, "host", address),
+            port=getattr(address, "port", ""),
+        )
+        return port
+
+    def _failed(self, failure: Failure) -> Failure:
+        log.critical(
+            "cannot listen on {listen}: {error}; stopping",
+            listen=self.description,
+            error=failure.getErrorMessage(),
+        )
+        if self.reactor.running:
+            self.reactor.stop()
+        return failure
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()  # type: ignore[no-untyped-call]
+        port, self.port = self.port, None
+        if port is not None:
+            return port.stopListening()
+        return None
+
+
+class Daemon(MultiService):
+    """The DeliveryService and its HTTP API, configured from a file."""
+
+    def __init__(
+        self,
+        config_path: str | Path,
+        *,
+        reactor: Any = None,
+        environ: Mapping[str, str] | None = None,
+        handle_signals: bool = False,
+    ) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+        self.config_path = Path(config_path)
+        self.environ = environ
+        self.handle_signals = handle_signals
+        config, registrations = check(self.config_path, environ)
+        self.config = config
+        set_level(config.log.level)
+        self.delivery = DeliveryService(
+            open_store(config.database, reactor),
+            registrations,
+            reactor=reactor,
+            poll_interval=config.poll_interval,
+            max_event_bytes=config.max_event_bytes,
+            server_name=config.server_name,
+        )
+        self.delivery.setServiceParent(self)  # type: ignore[no-untyped-call]
+        self.metrics = Metrics(self.delivery.clock)
+        self.delivery.observe(self.metrics)
+        self.api = Api(
+            self.delivery,
+            _tokens(config),
+            metrics=self.metrics,
+            reload=self.reload,
+            limits=Limits(
+                max_events_per_request=config.max_events_per_request,
+                max_request_bytes=config.max_request_bytes,
+            ),
+        )
+        self.site = make_site(self.api, config.max_request_bytes)
+        self.web = Listener(config.listen, self.site, reactor)
+        self.web.setServiceParent(self)  # type: ignore[no-untyped-call]
+
+    def startService(self) -> None:
+        # Delivery first: the API must not answer before the store is open.
+        super().startService()  # type: ignore[no-untyped-call]
+        if self.handle_signals:
+            signal.signal(signal.SIGHUP, self._sighup)
+        self.delivery.started().addErrback(self._not_started)
+        log.info(
+            "delivery starting: {count} application service(s), database {database}",
+            count=len(self.delivery.registrations),
+            database=_redact(self.config.database),
+        )
+
+    def _not_started(self, failure: Failure) -> None:
+        log.critical("delivery could not start: {error}; stopping", error=failure.getErrorMessage())
+        if self.reactor.running:
+            self.reactor.stop()
+
+    def _sighup(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self._reload_logged)
+
+    def _reload_logged(self) -> None:
+        d = Deferred.fromCoroutine(self.reload())
+        d.addErrback(
+            lambda f: (
+                log.error(
+                    "reload on SIGHUP failed, nothing changed: {error}", error=f.getErrorMessage()
+                )
+                if f.check(DeliveryError, ValueError)
+                else log.failure("reload on SIGHUP failed", f)
+            )
+        )
+
+    async def reload(self) -> ReloadResult:
+        """
+        Read the configuration again: registrations and tokens change at once; other keys
+        need a restart (a warning names them).
+        """
+        config, registrations = check(self.config_path, self.environ)
+        needs_restart = [
+            key
+            for key in ("database", "listen", "poll_interval", "server_name", "max_event_bytes")
+            if getattr(config, key) != getattr(self.config, key)
+        ]
+        if needs_restart:
+            log.warn(
+                "changed configuration keys need a restart to apply: {keys}",
+                keys=", ".join(needs_restart),
+            )
+        result = await self.delivery.reload(registrations)
+        self.api.tokens = _tokens(config)
+        set_level(config.log.level)
+        return result
+
+
+def _tokens(config: Config) -> Tokens:
+    return Tokens(config.ingest_token, config.admin_token, config.metrics_token)
+
+
+def _redact(url: str) -> str:
+    """A database URL without its password."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        credentials, host = rest.rsplit("@", 1)
+        return f"{scheme}://{credentials.split(':', 1)[0]}@{host}"
+    return url
+
+
+class Options(usage.Options):
+    synopsis = "--config FILE"
+    longdesc = (
+        "Runs delivery: reliable event delivery to Matrix application services. "
+        "Reads the YAML configuration FILE (see examples/delivery.yaml); SIGHUP or "
+        "POST /v1/reload re-reads its registrations."
+    )
+    optParameters = [
+        ["config", "c", "delivery.yaml", "The configuration file."],
+    ]
+
+    def postOptions(self) -> None:
+        # Check everything now: a mistake is a one-line error, not a traceback.
+        try:
+            check(self["config"])
+        except (DeliveryError, ValueError) as e:
+            raise usage.UsageError(str(e)) from None
+
+
+def makeService(options: Options) -> IService:
+    return Daemon(options["config"], handle_signals=True)

@@ -1,0 +1,178 @@
+"""
+Prometheus metrics, in a registry of their own so that an embedder can merge or ignore
+them. Counters and histograms move as things happen (this is an IDeliveryObserver);
+gauges of what is pending are read from the store when scraped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from twisted.internet.interfaces import IReactorTime
+from zope.interface import implementer
+
+from ._interfaces import IDeliveryObserver, SendResult
+from ._state import State
+from .records import StoredTransaction
+from .service import ORPHANED, DeliveryService
+
+STATES = [str(s) for s in State] + [ORPHANED]
+
+_SEND_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900,
+    3600,
+)  # fmt: skip
+
+
+def outcome(result: SendResult) -> str:
+    """A short label for a send's result: ``success``, ``http_503``, ``error``."""
+    if result.ok:
+        return "success"
+    if result.status is not None:
+        return f"http_{result.status}"
+    return "error"
+
+
+@implementer(IDeliveryObserver)
+class Metrics:
+    """The metrics of one DeliveryService."""
+
+    def __init__(self, clock: IReactorTime, registry: CollectorRegistry | None = None) -> None:
+        self.clock = clock
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.ingested = Counter(
+            "delivery_events_ingested",
+            "Events committed by submit or POST /v1/events.",
+            registry=r,
+        )
+        self.routed = Counter(
+            "delivery_events_routed",
+            "Events put into a service's queue.",
+            ["service"],
+            registry=r,
+        )
+        self.transactions = Counter(
+            "delivery_transactions",
+            "Transaction send attempts, by outcome (success, http_<status>, error).",
+            ["service", "outcome"],
+            registry=r,
+        )
+        self.delivered = Counter(
+            "delivery_events_delivered",
+            "Events acknowledged by a service.",
+            ["service"],
+            registry=r,
+        )
+        self.send_duration = Histogram(
+            "delivery_send_duration_seconds",
+            "Time from sending a transaction to its complete answer.",
+            ["service"],
+            buckets=_SEND_BUCKETS,
+            registry=r,
+        )
+        self.latency = Histogram(
+            "delivery_end_to_end_latency_seconds",
+            "Time from an event's ingest to its transaction's 2xx.",
+            ["service"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.probes = Counter(
+            "delivery_probes",
+            "Probes of DOWN services, by outcome.",
+            ["service", "outcome"],
+            registry=r,
+        )
+        self.state = Gauge(
+            "delivery_service_state",
+            "1 for the state each service is in, 0 for the others.",
+            ["service", "state"],
+            registry=r,
+        )
+        self.queued = Gauge(
+            "delivery_queued_events",
+            "Events queued for a service, not yet in a transaction.",
+            ["service"],
+            registry=r,
+        )
+        self.stored = Gauge(
+            "delivery_stored_transactions",
+            "Transactions stored and not yet acknowledged.",
+            ["service"],
+            registry=r,
+        )
+        self.oldest = Gauge(
+            "delivery_oldest_pending_age_seconds",
+            "Age of the oldest event not yet acknowledged by the service (0 if none).",
+            ["service"],
+            registry=r,
+        )
+        self.lag_events = Gauge(
+            "delivery_sorter_lag_events", "Events ingested and not yet routed.", registry=r
+        )
+        self.lag_seconds = Gauge(
+            "delivery_sorter_lag_seconds",
+            "Age of the oldest event not yet routed (0 if none).",
+            registry=r,
+        )
+
+    # -- IDeliveryObserver --
+
+    def state_changed(self, service_id: str, old: str, new: str, reason: str | None) -> None:
+        self._set_state(service_id, new)
+
+    def transaction_done(self, service_id: str, txn: StoredTransaction, result: SendResult) -> None:
+        self.transactions.labels(service_id, outcome(result)).inc()
+        self.send_duration.labels(service_id).observe(result.duration)
+        if result.ok:
+            self.delivered.labels(service_id).inc(txn.event_count)
+            now = self.clock.seconds()
+            latency = self.latency.labels(service_id)
+            for received in txn.received_ts:
+                latency.observe(max(0.0, now - received))
+
+    def probe_done(self, service_id: str, result: SendResult) -> None:
+        self.probes.labels(service_id, outcome(result)).inc()
+
+    def events_ingested(self, count: int) -> None:
+        self.ingested.inc(count)
+
+    def events_routed(self, counts: Mapping[str, int]) -> None:
+        for service_id, count in counts.items():
+            self.routed.labels(service_id).inc(count)
+
+    # -- scraping --
+
+    def _set_state(self, service_id: str, state: str) -> None:
+        for name in STATES:
+            self.state.labels(service_id, name).set(1 if name == state else 0)
+
+    async def render(self, service: DeliveryService) -> bytes:
+        """Bring the gauges up to date from the store, and render the text format."""
+        now = self.clock.seconds()
+        summaries = await service.store.summaries()
+        for service_id, summary in summaries.items():
+            self.queued.labels(service_id).set(summary.queued_events)
+            self.stored.labels(service_id).set(summary.stored_transactions)
+            oldest = summary.oldest_pending_ts
+            self.oldest.labels(service_id).set(0 if oldest is None else max(0.0, now - oldest))
+            self._set_state(service_id, service.state_of(service_id))
+        for gauge in (self.queued, self.stored, self.oldest):
+            for labels in _label_sets(gauge):
+                if labels[0] not in summaries:  # purged
+                    gauge.remove(*labels)
+        for labels in _label_sets(self.state):
+            if labels[0] not in summaries:
+                self.state.remove(*labels)
+        lag, oldest_unrouted = await service.store.sorter_lag()
+        self.lag_events.set(lag)
+        self.lag_seconds.set(0 if oldest_unrouted is None else max(0.0, now - oldest_unrouted))
+        return generate_latest(self.registry)
+
+
+def _label_sets(gauge: Gauge) -> list[tuple[str, ...]]:
+    # prometheus_client has no public way to list a metric's children
+    return [tuple(labels) for labels in gauge._metrics]
