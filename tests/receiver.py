@@ -39,6 +39,8 @@ class Answer:
     headers: dict[str, str] = attrs.Factory(dict)
     #: never answer (until the test calls release())
     hang: bool = False
+    #: send the status line, headers and part of the body, then nothing more
+    hang_in_body: bool = False
 
 
 class Receiver(resource.Resource):
@@ -120,6 +122,14 @@ class Receiver(resource.Resource):
         answer = self.script.pop(0) if self.script else self.default
         if headers.get("authorization") != [f"Bearer {self.hs_token}"]:
             answer = Answer(403, b'{"errcode":"M_FORBIDDEN"}')
+        if answer.hang_in_body:
+            request.setResponseCode(answer.status)
+            request.setHeader(b"Content-Length", b"1000")
+            request.write(b'{"partial":')
+            self.hanging.append(request)
+            self.held.append(received)
+            self._check()
+            return server.NOT_DONE_YET
         if answer.hang:
             self.hanging.append(request)
             self.held.append(received)

@@ -50,5 +50,7 @@ def test_retry_after_is_honoured_when_longer_and_capped_by_the_maximum() -> None
         (None, None),
     ],
 )
-def test_retry_after_takes_seconds_or_an_http_date(header: str | None, expected: float | None) -> None:
+def test_retry_after_takes_seconds_or_an_http_date(
+    header: str | None, expected: float | None
+) -> None:
     assert parse_retry_after(header, now=40.0) == expected

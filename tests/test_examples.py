@@ -48,8 +48,11 @@ async def test_the_embedding_example_delivers(tmp_path: Path, reactor: Any, rece
     child = _Child()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     process = reactor.spawnProcess(
-        child, sys.executable, [sys.executable, str(ROOT / "docs/examples/embed.py")],
-        env=env, path=str(tmp_path),
+        child,
+        sys.executable,
+        [sys.executable, str(ROOT / "docs/examples/embed.py")],
+        env=env,
+        path=str(tmp_path),
     )
     try:
         await receiver.wait_for_events(1)

@@ -357,6 +357,34 @@ async def test_a_receiver_that_hangs_times_out(db_url, reactor, receiver):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_receiver_that_hangs_in_the_middle_of_its_answer_times_out(
+    db_url, reactor, receiver
+):
+    # treq's own timeout stops at the headers; ours covers reading the body too
+    receiver.then(200, hang_in_body=True)
+    service, recorder, clock = started(
+        db_url, reactor, [registration("a", receiver.url, users=".*", request_timeout=30)]
+    )
+    try:
+        down = recorder.wait_for_state("a", "down")
+        await service.submit([event(1)])
+        await receiver.wait_for_requests(1)
+        clock.advance(29)
+        assert (await service.status("a")).state == "up"
+        clock.advance(1)
+        await down
+        status = await service.status("a")
+        assert status.last_error == "no complete answer within 30 s"
+        assert status.stored_transactions == 1
+        up = recorder.wait_for_state("a", "up")
+        await service.retry_now("a")
+        await up
+        assert [r.txn_id for r in receiver.requests] == ["1", "1"]
+    finally:
+        await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_refused_connection_marks_down(db_url, reactor):
     closed = await start_receiver(reactor)
     url = closed.url

@@ -149,8 +149,11 @@ async def test_an_embedder_can_plug_its_own_event_source(db_url, reactor, receiv
 @pytest_twisted.ensureDeferred
 async def test_memory_does_not_grow_with_the_backlog(db_url, reactor, receiver) -> None:
     receiver.answer(500)
-    regs = [registration("a", receiver.url, users=".*", max_events=10, initial_delay=3600,
-                         max_delay=3600)]
+    regs = [
+        registration(
+            "a", receiver.url, users=".*", max_events=10, initial_delay=3600, max_delay=3600
+        )
+    ]
     service, recorder, _ = make_service(open_store(db_url, reactor), regs, reactor, pool_window=25)
     service.startService()
     try:
