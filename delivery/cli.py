@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import urllib.error
 import urllib.request
@@ -66,7 +67,7 @@ def _check_config(path: str) -> int:
 
 def base_url(listen: str) -> str | None:
     """The http:// URL of a ``tcp:PORT[:interface=HOST]`` endpoint, if it is one."""
-    parts = listen.split(":")
+    parts = [p.replace("\\:", ":") for p in re.split(r"(?<!\\):", listen)]
     if parts[0] != "tcp" or len(parts) < 2 or not parts[1].isdigit():
         return None
     host = "127.0.0.1"

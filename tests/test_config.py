@@ -1,0 +1,119 @@
+"""The daemon's configuration file: defaults, paths, environment variables, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from delivery.config import ConfigError, load_config, parse_config
+
+
+def parse(data: object, environ: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    return parse_config(data, "delivery.yaml", Path("/etc/delivery"), environ or {})
+
+
+TOKENS = {"ingest_token": "i" * 20, "admin_token": "a" * 20}
+
+
+def test_defaults_are_what_the_docs_say() -> None:
+    config = parse(TOKENS)
+    assert config.database == "sqlite:////etc/delivery/delivery.db"
+    assert config.listen == "tcp:8008:interface=127.0.0.1"
+    assert config.poll_interval == 1.0
+    assert config.metrics_token == config.admin_token
+    assert config.max_events_per_request == 1000
+    assert config.max_request_bytes == 10 * 1024 * 1024
+    assert config.app_service_config_files == ()
+    assert config.log.level == "info"
+
+
+def test_relative_paths_are_taken_from_the_config_folder() -> None:
+    config = parse(
+        {
+            **TOKENS,
+            "database": "sqlite:///data/d.db",
+            "app_service_config_files": ["bridges/telegram.yaml", "/abs/x.yaml"],
+        }
+    )
+    assert config.database == "sqlite:////etc/delivery/data/d.db"
+    assert config.app_service_config_files == (
+        Path("/etc/delivery/bridges/telegram.yaml"),
+        Path("/abs/x.yaml"),
+    )
+    assert parse({**TOKENS, "database": "sqlite:////var/d.db"}).database == "sqlite:////var/d.db"
+
+
+def test_secrets_come_from_the_environment() -> None:
+    config = parse(
+        {"ingest_token": "${IN}", "admin_token": "prefix-${AD}"}, {"IN": "xyz", "AD": "abc"}
+    )
+    assert (config.ingest_token, config.admin_token) == ("xyz", "prefix-abc")
+    assert "xyz" not in repr(config)
+    assert "abc" not in repr(config)
+
+
+def test_defaults_apply_to_every_registration(tmp_path: Path) -> None:
+    (tmp_path / "r.yaml").write_text(
+        "id: r\nurl: http://127.0.0.1:9\nas_token: a\nhs_token: h\nsender_localpart: b\n"
+        "delivery: {max_events: 7}\n"
+    )
+    (tmp_path / "c.yaml").write_text(
+        "ingest_token: iiii\nadmin_token: aaaa\napp_service_config_files: [r.yaml]\n"
+        "defaults: {max_events: 50, max_delay: 60}\n"
+    )
+    (registration,) = load_config(tmp_path / "c.yaml").registrations()
+    assert registration.options.max_events == 7  # its own setting wins
+    assert registration.options.max_delay == 60  # the config's default
+
+
+@pytest.mark.parametrize(
+    ("data", "key", "words"),
+    [
+        ({"admin_token": "a"}, "ingest_token", "is empty"),
+        ({**TOKENS, "ingest_token": "   "}, "ingest_token", "is empty"),
+        ({**TOKENS, "ingest_token": 12345}, "ingest_token", "must be a string, not int"),
+        ({**TOKENS, "poll_interval": 0}, "poll_interval", "positive number"),
+        ({**TOKENS, "poll_interval": True}, "poll_interval", "positive number"),
+        ({**TOKENS, "max_request_bytes": 1.5}, "max_request_bytes", "positive integer"),
+        ({**TOKENS, "defaults": {"max_events": -1}}, "defaults.max_events", "positive integer"),
+        ({**TOKENS, "defaults": {"retries": 3}}, "defaults.retries", "not a known option"),
+        ({**TOKENS, "defaults": []}, "defaults", "mapping"),
+        ({**TOKENS, "log": {"level": "loud"}}, "log.level", "must be one of"),
+        ({**TOKENS, "log": {"file": "x"}}, "log.file", "not a known key"),
+        ({**TOKENS, "app_service_config_files": "r.yaml"}, "app_service_config_files", "list"),
+        ({**TOKENS, "listen": "tcp:http"}, "listen", "Twisted endpoint"),
+        ({**TOKENS, "server_name": ""}, "server_name", "homeserver name"),
+        ({**TOKENS, "databse": "x"}, "databse", "not a known key"),
+    ],
+)
+def test_mistakes_name_the_key(data: object, key: str, words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse(data)
+    assert info.value.key == key
+    assert words in str(info.value)
+    assert str(info.value).startswith("invalid configuration delivery.yaml: key ")
+    assert "i" * 20 not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("ingest_token: [unclosed", "not valid YAML (line 1"),
+        ("- a list", "expected a mapping"),
+        ("\udcff", "cannot read"),
+    ],
+)
+def test_unreadable_files_say_why(tmp_path: Path, text: str, words: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(ConfigError, match="invalid configuration"):
+        load_config(path)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert words in str(info.value) or "UTF-8" in str(info.value)
+
+
+def test_a_missing_file_says_so(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read it: No such file"):
+        load_config(tmp_path / "nope.yaml")
