@@ -331,3 +331,26 @@ async def test_delivery_run_runs_the_daemon(tmp_path: Path, reactor: Any, receiv
     finally:
         process.signalProcess(signal.SIGTERM)
     await stopped_cleanly(child)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_quick_start_command_runs_the_daemon(
+    tmp_path: Path, reactor: Any, receiver: Any
+) -> None:
+    root = Path(__file__).resolve().parent.parent
+    registration = write_registration(tmp_path, "bridge", receiver.url)
+    config = write_config(tmp_path, [registration], ingest_token="${DELIVERY_INGEST_TOKEN}")
+    child = DaemonProcess()
+    env = {**os.environ, "DELIVERY_INGEST_TOKEN": INGEST}
+    env.pop("DELIVERY_ADMIN_TOKEN", None)
+    script = str(root / "scripts/run")
+    process = reactor.spawnProcess(child, script, [script, str(config)], env=env, path=str(root))
+    try:
+        port = await child.port
+        await post_events(f"http://127.0.0.1:{port}", [event(1)])
+        await receiver.wait_for_events(1)
+        assert f"ingest token: {INGEST}".encode() in child.output
+        assert b"admin token:  " in child.output  # made up and printed
+    finally:
+        process.signalProcess(signal.SIGTERM)
+    await stopped_cleanly(child)
