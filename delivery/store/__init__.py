@@ -14,7 +14,8 @@ from urllib.parse import unquote, urlsplit
 from .._interfaces import IStore
 from ..errors import InvalidStoreURLError
 from ..records import QueuedEvent, ServiceRecord, ServiceSummary, StoredTransaction
-from .sqlite import SchemaTooNewError, SQLiteStore
+from ._sql import SchemaTooNewError
+from .sqlite import SQLiteStore
 
 __all__ = [
     "IStore",

@@ -1,0 +1,121 @@
+"""The store interface implemented once over the operations of ``_sql``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from twisted.internet.defer import Deferred
+
+from ..events import Event, StoredEvent
+from ..records import QueuedEvent, ServiceRecord, ServiceSummary, StoredTransaction
+from . import _sql
+from ._schema import Dialect
+
+T = TypeVar("T")
+
+
+class GeneratorStore:
+    """
+    Every :class:`~delivery.IStore` method as one run of an ``_sql`` operation. A store
+    says how to run one (:meth:`_run`: in one transaction) and how to connect.
+    """
+
+    dialect: Dialect
+
+    def _run(self, operation: Callable[..., _sql.Steps[T]], *args: Any) -> Deferred[T]:
+        raise NotImplementedError
+
+    def insert_events(self, events: Sequence[Event], now: float) -> Deferred[list[int]]:
+        return self._run(_sql.insert_events, events, now)
+
+    def events_after(self, position: int, limit: int) -> Deferred[Sequence[StoredEvent]]:
+        d: Deferred[Sequence[StoredEvent]] = self._run(_sql.events_after, position, limit)
+        return d
+
+    def sorter_position(self) -> Deferred[int]:
+        return self._run(_sql.sorter_position)
+
+    def commit_sorted(
+        self,
+        position: int,
+        queue: Sequence[tuple[str, int]],
+        new_events: Sequence[StoredEvent] = (),
+    ) -> Deferred[None]:
+        return self._run(_sql.commit_sorted, position, queue, new_events)
+
+    def sorter_lag(self) -> Deferred[tuple[int, float | None]]:
+        return self._run(_sql.sorter_lag)
+
+    def ensure_services(self, service_ids: Sequence[str]) -> Deferred[None]:
+        return self._run(_sql.ensure_services, service_ids)
+
+    def services(self) -> Deferred[dict[str, ServiceRecord]]:
+        return self._run(_sql.services)
+
+    def set_state(self, service_id: str, state: str) -> Deferred[None]:
+        return self._run(_sql.set_state, service_id, state)
+
+    def summary(self, service_id: str) -> Deferred[ServiceSummary]:
+        return self._run(_sql.summary, service_id)
+
+    def summaries(self) -> Deferred[dict[str, ServiceSummary]]:
+        return self._run(_sql.summaries)
+
+    def purge_service(self, service_id: str) -> Deferred[tuple[int, int]]:
+        return self._run(_sql.purge_service, service_id)
+
+    def ping(self) -> Deferred[None]:
+        return self._run(_sql.ping)
+
+    def queued(self, service_id: str, after: int, limit: int) -> Deferred[list[QueuedEvent]]:
+        return self._run(_sql.queued, service_id, after, limit)
+
+    def store_transaction(
+        self,
+        service_id: str,
+        first_stream_id: int,
+        last_stream_id: int,
+        event_count: int,
+        body: bytes,
+        now: float,
+    ) -> Deferred[int]:
+        return self._run(
+            _sql.store_transaction,
+            service_id,
+            first_stream_id,
+            last_stream_id,
+            event_count,
+            body,
+            now,
+        )
+
+    def oldest_transaction(self, service_id: str) -> Deferred[StoredTransaction | None]:
+        return self._run(_sql.oldest_transaction, service_id)
+
+    def transactions(
+        self, service_id: str, after: int, limit: int
+    ) -> Deferred[list[StoredTransaction]]:
+        return self._run(_sql.transactions, service_id, after, limit)
+
+    def complete_transaction(self, service_id: str, txn_id: int, now: float) -> Deferred[None]:
+        return self._run(_sql.complete_transaction, service_id, txn_id, now)
+
+    def record_failure(
+        self,
+        service_id: str,
+        txn_id: int,
+        attempt_ts: float,
+        error: str,
+        failure_count: int,
+        next_retry_ts: float | None,
+    ) -> Deferred[None]:
+        return self._run(
+            _sql.record_failure,
+            service_id,
+            txn_id,
+            attempt_ts,
+            error,
+            failure_count,
+            next_retry_ts,
+        )

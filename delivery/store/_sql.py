@@ -1,0 +1,375 @@
+"""
+What the stores do, written once for every database.
+
+Each operation is a generator that yields the statements it needs (``Query``, ``Insert``,
+``Lock``, ``Notify``) and receives their results; a store runs it inside one database
+transaction, on its own connection and in its own way (a thread for SQLite, an
+asynchronous connection for PostgreSQL). Statements use ``?`` placeholders.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Sequence
+from typing import Any, Literal, TypeVar
+
+import attrs
+
+from ..events import Event, StoredEvent
+from ..interest import RoutingFields
+from ..records import QueuedEvent, ServiceRecord, ServiceSummary, StoredTransaction
+from ._schema import SCHEMA_VERSION, Dialect, migrations
+
+T = TypeVar("T")
+
+
+@attrs.frozen
+class Query:
+    """One statement; its result is every row, the first row, or the count of rows changed."""
+
+    sql: str
+    params: Sequence[Any] = ()
+    fetch: Literal["all", "one", "count"] = "all"
+
+
+@attrs.frozen
+class Insert:
+    """Many rows into one table in one go; ``types`` are the columns' PostgreSQL types."""
+
+    table: str
+    columns: tuple[str, ...]
+    types: tuple[str, ...]
+    rows: Sequence[Sequence[Any]]
+    conflict: str = ""
+
+
+@attrs.frozen
+class Lock:
+    """Hold a database-wide lock until the transaction ends (nothing in SQLite: one writer)."""
+
+    key: int
+
+
+@attrs.frozen
+class Notify:
+    """Tell listeners, when the transaction commits (PostgreSQL's NOTIFY)."""
+
+    channel: str
+
+
+Op = Query | Insert | Lock | Notify
+Steps = Generator[Op, Any, T]
+
+#: lock keys (PostgreSQL advisory locks): ingest, so that stream ids commit in order; and
+#: migrations, so that two processes starting together do not both migrate
+INGEST_LOCK = 0x64656C69  # "deli"
+MIGRATE_LOCK = 0x64656C6D  # "delm"
+#: the channel that wakes sorters when events are ingested
+EVENTS_CHANNEL = "delivery_events"
+
+_TXN_COLUMNS = (
+    "service_id, txn_id, body, event_count, first_stream_id, last_stream_id, created_ts,"
+    " attempts, first_attempt_ts, last_attempt_ts, last_error"
+)
+_EVENT_COLUMNS = ("event_id", "sender", "room_id", "type", "state_key", "json", "received_ts")
+_EVENT_TYPES = ("text", "text", "text", "text", "text", "bytea", "float8")
+
+
+class SchemaTooNewError(Exception):
+    """The database was written by a newer version of ``delivery``."""
+
+
+def migrate(dialect: Dialect) -> Steps[None]:
+    yield Lock(MIGRATE_LOCK)
+    yield Query("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    row = yield Query("SELECT version FROM schema_version", fetch="one")
+    if row is None:
+        yield Query("INSERT INTO schema_version (version) VALUES (0)", fetch="count")
+        current = 0
+    else:
+        current = row[0]
+    if current > SCHEMA_VERSION:
+        raise SchemaTooNewError(
+            f"the database is at schema version {current}, newer than this version of "
+            f"delivery knows ({SCHEMA_VERSION}): upgrade delivery"
+        )
+    for version, statements in migrations(dialect, current):
+        for statement in statements:
+            yield Query(statement, fetch="count")
+        yield Query("UPDATE schema_version SET version = ?", (version,), fetch="count")
+
+
+# -- events and sorting --
+
+
+def insert_events(events: Sequence[Event], now: float) -> Steps[list[int]]:
+    # Stream ids are given out and committed in one order: the sorter never finds a lower
+    # id committed after a higher one it has routed already.
+    yield Lock(INGEST_LOCK)
+    yield Insert(
+        "events",
+        _EVENT_COLUMNS,
+        _EVENT_TYPES,
+        [
+            (e.event_id, r.sender, r.room_id, r.type, r.state_key, e.json, now)
+            for e in events
+            for r in (e.routing,)
+        ],
+        conflict="ON CONFLICT (event_id) DO NOTHING",
+    )
+    ids: dict[str, int] = {}
+    unique = list(dict.fromkeys(e.event_id for e in events))
+    for start in range(0, len(unique), 500):
+        chunk = unique[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        rows = yield Query(
+            f"SELECT event_id, stream_id FROM events WHERE event_id IN ({marks})", chunk
+        )
+        ids.update(rows)
+    yield Notify(EVENTS_CHANNEL)
+    return [ids[e.event_id] for e in events]
+
+
+def _events(rows: Sequence[Sequence[Any]]) -> list[StoredEvent]:
+    return [
+        StoredEvent(
+            stream_id,
+            Event(event_id, RoutingFields(sender, room_id, type_, state_key), bytes(json)),
+            received_ts,
+        )
+        for stream_id, event_id, sender, room_id, type_, state_key, json, received_ts in rows
+    ]
+
+
+def events_after(position: int, limit: int) -> Steps[list[StoredEvent]]:
+    rows = yield Query(
+        "SELECT stream_id, event_id, sender, room_id, type, state_key, json, received_ts"
+        " FROM events WHERE stream_id > ? ORDER BY stream_id LIMIT ?",
+        (position, limit),
+    )
+    return _events(rows)
+
+
+def sorter_position() -> Steps[int]:
+    row = yield Query("SELECT stream_id FROM sorter_position", fetch="one")
+    return int(row[0])
+
+
+def commit_sorted(
+    position: int, queue: Sequence[tuple[str, int]], new_events: Sequence[StoredEvent]
+) -> Steps[None]:
+    if new_events:
+        yield Insert(
+            "events",
+            ("stream_id", *_EVENT_COLUMNS),
+            ("bigint", *_EVENT_TYPES),
+            [
+                (
+                    s.stream_id,
+                    e.event_id,
+                    r.sender,
+                    r.room_id,
+                    r.type,
+                    r.state_key,
+                    e.json,
+                    s.received_ts,
+                )
+                for s in new_events
+                for e in (s.event,)
+                for r in (e.routing,)
+            ],
+            conflict="ON CONFLICT DO NOTHING",
+        )
+    if queue:
+        yield Insert("service_queue", ("service_id", "stream_id"), ("text", "bigint"), queue)
+    yield Query("UPDATE sorter_position SET stream_id = ?", (position,), fetch="count")
+
+
+def sorter_lag() -> Steps[tuple[int, float | None]]:
+    row = yield Query(
+        "SELECT COUNT(*), MIN(received_ts) FROM events"
+        " WHERE stream_id > (SELECT stream_id FROM sorter_position)",
+        fetch="one",
+    )
+    return int(row[0]), row[1]
+
+
+# -- services --
+
+
+def ensure_services(service_ids: Sequence[str]) -> Steps[None]:
+    if service_ids:
+        yield Insert(
+            "services",
+            ("service_id",),
+            ("text",),
+            [(s,) for s in service_ids],
+            conflict="ON CONFLICT DO NOTHING",
+        )
+
+
+def services() -> Steps[dict[str, ServiceRecord]]:
+    rows = yield Query(
+        "SELECT service_id, state, last_txn_id, last_success_ts, last_error,"
+        " failure_count, next_retry_ts FROM services"
+    )
+    return {row[0]: ServiceRecord(*row) for row in rows}
+
+
+def set_state(service_id: str, state: str) -> Steps[None]:
+    yield Query(
+        "UPDATE services SET state = ? WHERE service_id = ?", (state, service_id), fetch="count"
+    )
+
+
+def _oldest_received(oldest: int | None) -> Steps[float | None]:
+    if oldest is None:
+        return None
+    row = yield Query("SELECT received_ts FROM events WHERE stream_id = ?", (oldest,), fetch="one")
+    return row[0] if row else None
+
+
+def summary(service_id: str) -> Steps[ServiceSummary]:
+    queued, oldest_queued = yield Query(
+        "SELECT COUNT(*), MIN(stream_id) FROM service_queue WHERE service_id = ?",
+        (service_id,),
+        fetch="one",
+    )
+    stored, oldest_stored = yield Query(
+        "SELECT COUNT(*), MIN(first_stream_id) FROM transactions WHERE service_id = ?",
+        (service_id,),
+        fetch="one",
+    )
+    oldest = min((s for s in (oldest_queued, oldest_stored) if s is not None), default=None)
+    return ServiceSummary(queued, stored, (yield from _oldest_received(oldest)))
+
+
+def summaries() -> Steps[dict[str, ServiceSummary]]:
+    rows = yield Query(
+        "SELECT s.service_id,"
+        " (SELECT COUNT(*) FROM service_queue q WHERE q.service_id = s.service_id),"
+        " (SELECT MIN(stream_id) FROM service_queue q WHERE q.service_id = s.service_id),"
+        " (SELECT COUNT(*) FROM transactions t WHERE t.service_id = s.service_id),"
+        " (SELECT MIN(first_stream_id) FROM transactions t WHERE t.service_id = s.service_id)"
+        " FROM services s"
+    )
+    result = {}
+    for service_id, queued, oldest_queued, stored, oldest_stored in rows:
+        oldest = min((x for x in (oldest_queued, oldest_stored) if x is not None), default=None)
+        result[service_id] = ServiceSummary(queued, stored, (yield from _oldest_received(oldest)))
+    return result
+
+
+def purge_service(service_id: str) -> Steps[tuple[int, int]]:
+    events = yield Query(
+        "DELETE FROM service_queue WHERE service_id = ?", (service_id,), fetch="count"
+    )
+    transactions = yield Query(
+        "DELETE FROM transactions WHERE service_id = ?", (service_id,), fetch="count"
+    )
+    yield Query("DELETE FROM services WHERE service_id = ?", (service_id,), fetch="count")
+    return events, transactions
+
+
+def ping() -> Steps[None]:
+    yield Query("SELECT 1", fetch="one")
+
+
+# -- queues and transactions --
+
+
+def queued(service_id: str, after: int, limit: int) -> Steps[list[QueuedEvent]]:
+    rows = yield Query(
+        "SELECT q.stream_id, e.json, e.received_ts FROM service_queue q"
+        " JOIN events e ON e.stream_id = q.stream_id"
+        " WHERE q.service_id = ? AND q.stream_id > ? ORDER BY q.stream_id LIMIT ?",
+        (service_id, after, limit),
+    )
+    return [QueuedEvent(stream_id, bytes(json), ts) for stream_id, json, ts in rows]
+
+
+def store_transaction(
+    service_id: str,
+    first_stream_id: int,
+    last_stream_id: int,
+    event_count: int,
+    body: bytes,
+    now: float,
+) -> Steps[int]:
+    row = yield Query(
+        "UPDATE services SET last_txn_id = last_txn_id + 1 WHERE service_id = ?"
+        " RETURNING last_txn_id",
+        (service_id,),
+        fetch="one",
+    )
+    if row is None:
+        raise KeyError(f"no service record for {service_id!r}")
+    txn_id = int(row[0])
+    deleted = yield Query(
+        "DELETE FROM service_queue WHERE service_id = ? AND stream_id BETWEEN ? AND ?",
+        (service_id, first_stream_id, last_stream_id),
+        fetch="count",
+    )
+    if deleted != event_count:
+        # The pool's window no longer matches the queue: refuse rather than lose events.
+        raise RuntimeError(
+            f"queue of {service_id!r} has {deleted} events from {first_stream_id} to "
+            f"{last_stream_id}, expected {event_count}"
+        )
+    yield Query(
+        "INSERT INTO transactions (service_id, txn_id, body, event_count,"
+        " first_stream_id, last_stream_id, created_ts) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (service_id, txn_id, body, event_count, first_stream_id, last_stream_id, now),
+        fetch="count",
+    )
+    return txn_id
+
+
+def transactions(service_id: str, after: int, limit: int) -> Steps[list[StoredTransaction]]:
+    rows = yield Query(
+        f"SELECT {_TXN_COLUMNS} FROM transactions WHERE service_id = ? AND txn_id > ?"
+        " ORDER BY txn_id LIMIT ?",
+        (service_id, after, limit),
+    )
+    return [StoredTransaction(row[0], row[1], bytes(row[2]), *row[3:]) for row in rows]
+
+
+def oldest_transaction(service_id: str) -> Steps[StoredTransaction | None]:
+    found = yield from transactions(service_id, 0, 1)
+    return found[0] if found else None
+
+
+def complete_transaction(service_id: str, txn_id: int, now: float) -> Steps[None]:
+    yield Query(
+        "DELETE FROM transactions WHERE service_id = ? AND txn_id = ?",
+        (service_id, txn_id),
+        fetch="count",
+    )
+    yield Query(
+        "UPDATE services SET last_success_ts = ?, failure_count = 0, next_retry_ts = NULL"
+        " WHERE service_id = ?",
+        (now, service_id),
+        fetch="count",
+    )
+
+
+def record_failure(
+    service_id: str,
+    txn_id: int,
+    attempt_ts: float,
+    error: str,
+    failure_count: int,
+    next_retry_ts: float | None,
+) -> Steps[None]:
+    yield Query(
+        "UPDATE transactions SET attempts = attempts + 1,"
+        " first_attempt_ts = COALESCE(first_attempt_ts, ?), last_attempt_ts = ?,"
+        " last_error = ? WHERE service_id = ? AND txn_id = ?",
+        (attempt_ts, attempt_ts, error, service_id, txn_id),
+        fetch="count",
+    )
+    yield Query(
+        "UPDATE services SET last_error = ?, failure_count = ?, next_retry_ts = ?"
+        " WHERE service_id = ?",
+        (error, failure_count, next_retry_ts, service_id),
+        fetch="count",
+    )
