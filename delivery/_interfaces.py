@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -118,6 +118,12 @@ class IStore(IEventSource):
 
     def ping() -> Deferred[None]:
         """Fails if the database does not answer."""
+
+    def on_new_events(callback: Callable[[], None]) -> None:
+        """
+        Have ``callback`` called when any process ingests events into this database, where
+        the store can tell (PostgreSQL's NOTIFY); otherwise never.
+        """
 
 
 @attrs.frozen

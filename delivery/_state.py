@@ -126,6 +126,8 @@ class ServiceHandle:
     probing: Deferred[SendResult] | None = None
     #: removed from the registrations: nothing more is sent
     retired: bool = False
+    #: the last of the writes recording this service's state, in order
+    persisting: Deferred[None] | None = None
 
     @property
     def id(self) -> str:

@@ -21,7 +21,12 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web import resource, server
 
 from ._log import Logger
-from .errors import DeliveryError, InvalidEventError, UnknownServiceError
+from .errors import (
+    DeliveryError,
+    InvalidEventError,
+    StoreUnavailableError,
+    UnknownServiceError,
+)
 from .metrics import Metrics
 from .records import StoredTransaction
 from .service import DeliveryService, ReloadResult, ServiceRegisteredError, ServiceStatus
@@ -163,6 +168,10 @@ class Api(resource.Resource):
             status, body = e.status, {"errcode": e.errcode, "error": e.error}
             for name, value in e.headers.items():
                 request.setHeader(name, value)
+        except StoreUnavailableError as e:
+            # Nothing was acknowledged: the client retries (ingest is idempotent).
+            status, body = 503, {"errcode": "M_UNAVAILABLE", "error": str(e)}
+            request.setHeader("Retry-After", "1")
         except Exception:
             log.failure(
                 "answering {method} {path} failed", method=request.method, path=request.path

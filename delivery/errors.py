@@ -46,3 +46,11 @@ class UnknownServiceError(DeliveryError, KeyError):
 
 class InvalidStoreURLError(DeliveryError, ValueError):
     """The database URL given to :func:`delivery.store.open_store` cannot be used."""
+
+
+class StoreUnavailableError(DeliveryError):
+    """
+    The database does not answer, for now. The call that failed may or may not have taken
+    effect (a commit whose answer was lost): callers retry, and every write is idempotent
+    or checked.
+    """

@@ -115,6 +115,14 @@ class EventPool:
         for _ in range(count):
             events.popleft()
 
+    def reread_all(self) -> None:
+        """
+        The sorter may have committed events it could not hand over: read every queue
+        again past what the windows hold (what they hold stays valid).
+        """
+        for window in self._windows.values():
+            window.backlog = window.touched = True
+
     def reset(self, service_id: str) -> None:
         """Forget what is in memory; the next batch reads the queue afresh."""
         self._windows[service_id] = _Window()

@@ -11,15 +11,18 @@ the queue; when neither is left the service is caught up and UP again.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 
 from ._interfaces import IStore, SendResult
 from ._log import Logger
 from ._observers import Observers
 from ._state import ServiceHandle, State
+from .errors import StoreUnavailableError
 from .records import StoredTransaction
 from .registration import DeliveryOptions
 from .transactions import TransactionMaker
@@ -111,16 +114,12 @@ class Recoverer:
         )
         self._persist(handle, State.DOWN)
         if txn is not None:
+            failures, next_retry = handle.failure_count, handle.next_retry_ts
             self._background(
-                self._store.record_failure(
-                    handle.id,
-                    txn.txn_id,
-                    now,
-                    result.error or "failed",
-                    handle.failure_count,
-                    handle.next_retry_ts,
-                ),
                 handle,
+                lambda: self._store.record_failure(
+                    handle.id, txn.txn_id, now, result.error or "failed", failures, next_retry
+                ),
             )
         if not (self._stopped or handle.retired):
             handle.retry_call = self._clock.callLater(delay, self._wait_over, handle)
@@ -227,9 +226,23 @@ class Recoverer:
     # -- persistence --
 
     def _persist(self, handle: ServiceHandle, state: State) -> None:
-        self._background(self._store.set_state(handle.id, str(state)), handle)
+        self._background(handle, lambda: self._store.set_state(handle.id, str(state)))
 
-    def _background(self, d: Deferred[None], handle: ServiceHandle) -> None:
-        d.addErrback(
-            lambda f: log.failure("could not record the state of {service}", f, service=handle.id)
-        )
+    def _background(self, handle: ServiceHandle, write: Callable[[], Deferred[None]]) -> None:
+        """
+        Record something about a service without waiting for it: one write at a time per
+        service, in order, so that the last one written is the last one made.
+        """
+
+        def done(failure: Failure) -> None:
+            if failure.check(StoreUnavailableError):
+                log.warn(
+                    "could not record the state of {service}: {error}",
+                    service=handle.id,
+                    error=failure.getErrorMessage(),
+                )
+            else:
+                log.failure("could not record the state of {service}", failure, service=handle.id)
+
+        previous = handle.persisting if handle.persisting is not None else succeed(None)
+        handle.persisting = previous.addBoth(lambda _: write()).addErrback(done)

@@ -208,6 +208,8 @@ class DeliveryService(Service):
         await self.store.open()
         await self._activate(list(self.registrations.values()))
         await self._sorter.start()
+        if not self._external_source:
+            self.store.on_new_events(self._sorter.wake)
 
     async def _activate(self, registrations: list[Registration]) -> None:
         """Start delivering to these services: recover the ones with stored transactions."""
@@ -436,9 +438,16 @@ class DeliveryService(Service):
         return await self.store.transactions(service_id, after, limit)
 
     async def _known(self, service_id: str) -> None:
+        """Raise if the service is unknown; else wait until what it recorded is written."""
         await self._started()
         if service_id not in self.registrations and service_id not in await self.store.services():
             raise UnknownServiceError(service_id)
+        handle = self._handles.get(service_id)
+        while handle is not None and handle.persisting is not None:
+            pending = handle.persisting
+            await _observe(pending)
+            if handle.persisting is pending:
+                break
 
     def state_of(self, service_id: str) -> str:
         """The state of a service as known in memory: ``orphaned`` if not registered."""
@@ -450,3 +459,15 @@ class DeliveryService(Service):
     def observe(self, observer: IDeliveryObserver) -> None:
         """Have ``observer`` told of state changes and transactions as they happen."""
         self._observers.add(observer)
+
+
+async def _observe(d: Deferred[None]) -> None:
+    """Wait for ``d`` to fire, leaving its result to its own callbacks."""
+    waiter: Deferred[None] = Deferred()
+
+    def passthrough(result: object) -> object:
+        waiter.callback(None)
+        return result
+
+    d.addBoth(passthrough)
+    await waiter

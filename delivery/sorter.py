@@ -17,6 +17,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from ._interfaces import IEventSource, IStore
 from ._log import Logger
 from ._observers import Observers
+from .errors import StoreUnavailableError
 from .events import StoredEvent
 from .interest import InterestIndex
 from .pool import EventPool
@@ -58,6 +59,8 @@ class EventSorter:
         self._again = False
         self._timer: IDelayedCall | None = None
         self._stopped = True
+        #: a pass failed: the position in memory may be behind the database's
+        self._unsure = False
         self._idle_waiters: list[Deferred[None]] = []
 
     async def start(self) -> None:
@@ -89,17 +92,25 @@ class EventSorter:
     async def _run(self) -> None:
         caught_up = False
         try:
+            if self._unsure:
+                await self._resync()
             while not self._stopped:
                 self._again = False
                 routed = await self.sort_once()
                 if routed < self._batch_size and not self._again:
                     caught_up = True
                     break
-        except Exception:
-            log.failure(
-                "routing events failed; trying again in {interval} s",
-                interval=self.poll_interval,
-            )
+        except Exception as e:
+            # A commit may have happened even though its answer was lost: start the next
+            # pass from what the database says.
+            self._unsure = True
+            if isinstance(e, StoreUnavailableError):
+                log.warn("routing events paused: {error}", error=str(e))
+            else:
+                log.failure(
+                    "routing events failed; trying again in {interval} s",
+                    interval=self.poll_interval,
+                )
         finally:
             self._running = None
         if caught_up:
@@ -108,6 +119,11 @@ class EventSorter:
                 waiter.callback(None)
         if not self._stopped:
             self._timer = self._clock.callLater(self.poll_interval, self.wake)
+
+    async def _resync(self) -> None:
+        self.position = await self._store.sorter_position()
+        self._pool.reread_all()
+        self._unsure = False
 
     async def sort_once(self) -> int:
         """Route one batch of events; how many were read."""

@@ -20,6 +20,7 @@ from ._interfaces import IStore, SendResult
 from ._log import Logger
 from ._observers import Observers
 from ._state import ServiceHandle, State
+from .errors import StoreUnavailableError
 from .events import transaction_body
 from .pool import EventPool
 from .records import StoredTransaction
@@ -89,11 +90,14 @@ class TransactionMaker:
         Something other than the receiver failed (the database, a bug). Start over from
         what the database says, through the usual DOWN/recovery path.
         """
-        log.failure("delivery to {service} failed unexpectedly", failure, service=handle.id)
-        self._pool.reset(handle.id)
-        if handle.state is not State.DOWN and not (self._stopped or handle.retired):
+        if failure.check(StoreUnavailableError):
+            error = failure.getErrorMessage()
+        else:
+            log.failure("delivery to {service} failed unexpectedly", failure, service=handle.id)
             kind = getattr(failure.type, "__name__", "error")
             error = f"internal error: {kind}: {failure.getErrorMessage()}"
+        self._pool.reset(handle.id)
+        if handle.state is not State.DOWN and not (self._stopped or handle.retired):
             handle.machine.failed(SendResult(ok=False, error=error), None)
 
     async def cut(self, handle: ServiceHandle, full_only: bool = False) -> StoredTransaction | None:

@@ -96,7 +96,7 @@ def parse_urls(text: str) -> dict[str, str]:
 
 async def run(reactor: Any, options: argparse.Namespace) -> None:
     service = DeliveryService(
-        open_store(f"sqlite:///{options.db}", reactor),
+        open_store(options.db, reactor),
         registrations(parse_urls(options.urls)),
         reactor=reactor,
         poll_interval=options.poll_interval,
@@ -116,7 +116,7 @@ async def run(reactor: Any, options: argparse.Namespace) -> None:
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--db", required=True, help="path of the SQLite file")
+    parser.add_argument("--db", required=True, help="the database URL")
     parser.add_argument("--urls", required=True, help="a=URL,b=URL,c=URL")
     parser.add_argument("--start", type=int, default=0, help="first event to submit")
     parser.add_argument("--count", type=int, default=5000, help="events in the stream")

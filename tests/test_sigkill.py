@@ -255,7 +255,7 @@ def resends(receipts: Sequence[Receipt]) -> int:
 class Child:
     """One run of ``tests.crash_child``; a thread reads the acknowledgements it prints."""
 
-    def __init__(self, number: int, start: int, urls: str, db: Path, logs: Path) -> None:
+    def __init__(self, number: int, start: int, urls: str, db: str, logs: Path) -> None:
         self.number = number
         self.start = start
         self.stderr_path = logs / f"child-{number}.stderr"
@@ -264,7 +264,7 @@ class Child:
         self.done = False
         self.started_at = time.monotonic()
         command = [
-            *(sys.executable, "-m", "tests.crash_child", "--db", str(db), "--urls", urls),
+            *(sys.executable, "-m", "tests.crash_child", "--db", db, "--urls", urls),
             *("--start", str(start), "--count", str(COUNT)),
             *("--batch", str(BATCH), "--pause", str(PAUSE)),
         ]
@@ -351,7 +351,7 @@ class Kill:
 class CrashRun:
     """The receiver, the children one after another, and what they did."""
 
-    def __init__(self, tmp_path: Path, seed: int) -> None:
+    def __init__(self, tmp_path: Path, seed: int, db_url: str) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
         self.tmp_path = tmp_path
@@ -359,7 +359,7 @@ class CrashRun:
         self.index = {e["event_id"]: i for i, e in enumerate(self.events)}
         self.expected = expected_events(self.events)
         self.log = ReceiverLog(tmp_path / "receiver.log", self.index)
-        self.db = tmp_path / "delivery.db"
+        self.db = db_url
         self.acked = -1
         self.kills: list[Kill] = []
         self.children: list[Child] = []
@@ -528,10 +528,10 @@ def kill_plan(rng: random.Random) -> list[tuple[str, int]]:
 
 
 @pytest.fixture
-def crash_run(tmp_path: Path) -> Iterator[CrashRun]:
+def crash_run(tmp_path: Path, db_url: str) -> Iterator[CrashRun]:
     seed = int(os.environ.get("DELIVERY_SIGKILL_SEED") or random.SystemRandom().randrange(2**32))
     print(f"DELIVERY_SIGKILL_SEED={seed}")
-    run = CrashRun(tmp_path, seed)
+    run = CrashRun(tmp_path, seed, db_url)
     try:
         yield run
     finally:

@@ -15,10 +15,12 @@ from .._interfaces import IStore
 from ..errors import InvalidStoreURLError
 from ..records import QueuedEvent, ServiceRecord, ServiceSummary, StoredTransaction
 from ._sql import SchemaTooNewError
+from .postgres import PostgresStore
 from .sqlite import SQLiteStore
 
 __all__ = [
     "IStore",
+    "PostgresStore",
     "QueuedEvent",
     "SQLiteStore",
     "SchemaTooNewError",
@@ -35,6 +37,8 @@ def open_store(url: str, reactor: Any = None) -> IStore:
 
     - ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db``: SQLite, the
       embedded default.
+    - ``postgresql://user:password@host:port/database`` (or ``postgres://``): PostgreSQL;
+      libpq's parameters may follow (``?sslmode=require``).
 
     :raises InvalidStoreURLError: for a URL no store understands.
     """
@@ -51,6 +55,21 @@ def open_store(url: str, reactor: Any = None) -> IStore:
                 f"database URL {url!r} names no file; write sqlite:///delivery.db"
             )
         return SQLiteStore(path, reactor)
+    if parts.scheme in ("postgresql", "postgres"):
+        if not parts.path.strip("/"):
+            raise InvalidStoreURLError(
+                f"database URL {_hide_password(url)!r} names no database; write "
+                "postgresql://user@host:5432/dbname"
+            )
+        return PostgresStore(url, reactor)
     raise InvalidStoreURLError(
-        f"database URL {url!r}: unknown kind {parts.scheme!r}; use sqlite:///path.db"
+        f"database URL {_hide_password(url)!r}: unknown kind {parts.scheme!r}; use"
+        " sqlite:///path.db or postgresql://user@host/dbname"
     )
+
+
+def _hide_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return url.replace(f":{parts.password}@", ":***@", 1)

@@ -26,6 +26,9 @@ class GeneratorStore:
     def _run(self, operation: Callable[..., _sql.Steps[T]], *args: Any) -> Deferred[T]:
         raise NotImplementedError
 
+    def on_new_events(self, callback: Callable[[], None]) -> None:
+        """Only PostgreSQL can tell of other processes' events; elsewhere nothing to do."""
+
     def insert_events(self, events: Sequence[Event], now: float) -> Deferred[list[int]]:
         return self._run(_sql.insert_events, events, now)
 

@@ -80,7 +80,9 @@ class SchemaTooNewError(Exception):
 
 def migrate(dialect: Dialect) -> Steps[None]:
     yield Lock(MIGRATE_LOCK)
-    yield Query("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    yield Query(
+        "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)", fetch="count"
+    )
     row = yield Query("SELECT version FROM schema_version", fetch="one")
     if row is None:
         yield Query("INSERT INTO schema_version (version) VALUES (0)", fetch="count")
