@@ -15,11 +15,12 @@ asynchronous connections, plus what several processes sharing one database need.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredSemaphore, maybeDeferred, succeed
 from twisted.python.failure import Failure
 from txpostgres import reconnection, retrying, txpostgres
 from txpostgres.psycopg2_impl import psycopg2
@@ -99,7 +100,7 @@ class PostgresStore(GeneratorStore):
         self.url = url
         self._reactor = reactor
         self._size = connections
-        self._pool: txpostgres.ConnectionPool | None = None
+        self._pool: _Pool | None = None
         self._listener: txpostgres.Connection | None = None
         self._observers: list[Callable[[], None]] = []
 
@@ -118,18 +119,17 @@ class PostgresStore(GeneratorStore):
 
     async def _open(self) -> None:
         if self._pool is None:
-            pool = txpostgres.ConnectionPool(None, self.url, min=self._size)
-            pool.connectionFactory = self._connection
-            pool.connections = {self._connection() for _ in range(self._size)}
-            pool.reactor = self._reactor
+            connections = [self._connection() for _ in range(self._size)]
             try:
-                await pool.start()
+                for connection in connections:
+                    await connection.connect(self.url)
             except Exception as e:
-                pool.close()
+                for connection in connections:
+                    _forget(connection)
                 raise StoreUnavailableError(
                     f"cannot connect to PostgreSQL at {describe(self.url)}: {_first_line(e)}"
                 ) from None
-            self._pool = pool
+            self._pool = _Pool(connections)
         await self._run(_sql.migrate, self.dialect)
         await self._listen()
 
@@ -158,13 +158,8 @@ class PostgresStore(GeneratorStore):
     def close(self) -> Deferred[None]:
         pool, self._pool = self._pool, None
         listener, self._listener = self._listener, None
-        if pool is not None:
-            for connection in pool.connections:
-                if connection.detector is not None:
-                    connection.detector.connectionIsDead = True  # no reconnecting now
-            pool.close()
-        if listener is not None:
-            listener.close()
+        for connection in ([*pool.connections] if pool else []) + ([listener] if listener else []):
+            _forget(connection)
         return succeed(None)
 
     def _run(self, operation: Callable[..., _sql.Steps[T]], *args: Any) -> Deferred[T]:
@@ -174,7 +169,7 @@ class PostgresStore(GeneratorStore):
         def interaction(cursor: Any) -> Deferred[T]:
             return Deferred.fromCoroutine(drive(cursor, operation(*args)))
 
-        d: Deferred[T] = self._pool.runInteraction(interaction)
+        d: Deferred[T] = self._pool.run(interaction)
         d.addErrback(self._unavailable)
         return d
 
@@ -187,6 +182,40 @@ class PostgresStore(GeneratorStore):
 
 
 _LISTEN = f"LISTEN {_sql.EVENTS_CHANNEL}"
+
+
+class _Pool:
+    """
+    A fixed set of connections, each used by one transaction at a time. A connection that
+    dies stays in the set: its detector reconnects it, and meanwhile it fails at once.
+    """
+
+    def __init__(self, connections: list[txpostgres.Connection]) -> None:
+        self.connections = connections
+        self._idle = list(connections)
+        self._free = DeferredSemaphore(len(connections))
+
+    async def _run(self, interaction: Callable[[Any], Deferred[T]]) -> T:
+        await self._free.acquire()
+        connection = self._idle.pop()
+        try:
+            result: T = await maybeDeferred(connection.runInteraction, interaction)
+            return result
+        finally:
+            self._idle.append(connection)
+            self._free.release()
+
+    def run(self, interaction: Callable[[Any], Deferred[T]]) -> Deferred[T]:
+        return Deferred.fromCoroutine(self._run(interaction))
+
+
+def _forget(connection: txpostgres.Connection) -> None:
+    """Close a connection for good: no reconnecting."""
+    if connection.detector is not None:
+        connection.detector.connectionIsDead = True
+        connection.detector.reconnect = lambda: succeed(None)
+    with contextlib.suppress(Exception):  # already closed, or never opened
+        connection.close()
 
 
 def _first_line(error: object) -> str:

@@ -1,0 +1,167 @@
+"""
+What only PostgreSQL has to get right: ingest from several connections committing out of
+order, NOTIFY across processes, migrations racing, and the database going away.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg2
+import pytest
+import pytest_twisted
+from twisted.internet import task
+from twisted.internet.defer import DeferredList
+
+from delivery.errors import InvalidStoreURLError, StoreUnavailableError
+from delivery.events import prepare
+from delivery.store import PostgresStore, SchemaTooNewError, open_store
+from delivery.store._schema import SCHEMA_VERSION
+from delivery.store._sql import INGEST_LOCK
+
+from .harness import event, make_service, registration
+
+
+@pytest.fixture
+def sql(postgres_url: str) -> Iterator[Any]:
+    """A plain psycopg2 connection to the test's database, outside delivery."""
+    connection = psycopg2.connect(postgres_url)
+    yield connection
+    connection.rollback()
+    connection.close()
+
+
+async def until(reactor: Any, condition: Any, what: str, timeout: float = 15) -> None:
+    """Poll ``condition()`` every few milliseconds of real time until it holds."""
+    for _ in range(int(timeout / 0.005)):
+        if condition():
+            return
+        await task.deferLater(reactor, 0.005, lambda: None)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_open_store_reads_postgres_urls() -> None:
+    store = open_store("postgresql://delivery:secret@db.example:6543/events?sslmode=require")
+    assert isinstance(store, PostgresStore)
+    assert "secret" not in repr(store)
+    assert repr(store) == "<PostgresStore delivery@db.example:6543/events>"
+    assert isinstance(open_store("postgres://u@h/d"), PostgresStore)
+    with pytest.raises(InvalidStoreURLError, match="names no database") as info:
+        open_store("postgresql://u:hunter2@h:5432/")
+    assert "hunter2" not in str(info.value)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unreachable_server_is_a_clear_error(reactor: Any) -> None:
+    store = open_store("postgresql://nobody@127.0.0.1:1/nothing", reactor)
+    with pytest.raises(
+        StoreUnavailableError,
+        match=r"cannot connect to PostgreSQL at nobody@127\.0\.0\.1:1/nothing",
+    ):
+        await store.open()
+    await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_processes_starting_together_migrate_once(
+    postgres_url: str, reactor: Any, sql: Any
+) -> None:
+    stores = [open_store(postgres_url, reactor) for _ in range(4)]
+    try:
+        results = await DeferredList([s.open() for s in stores], consumeErrors=True)
+        assert all(ok for ok, _ in results), results
+    finally:
+        for s in stores:
+            await s.close()
+    with sql.cursor() as cursor:
+        cursor.execute("SELECT version FROM schema_version")
+        assert cursor.fetchall() == [(SCHEMA_VERSION,)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_database_from_a_newer_version_is_refused(
+    postgres_url: str, reactor: Any, sql: Any
+) -> None:
+    with sql.cursor() as cursor:
+        cursor.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        cursor.execute("INSERT INTO schema_version VALUES (%s)", (SCHEMA_VERSION + 1,))
+    sql.commit()
+    store = open_store(postgres_url, reactor)
+    try:
+        with pytest.raises(SchemaTooNewError, match="upgrade delivery"):
+            await store.open()
+    finally:
+        await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lower_stream_id_committed_after_a_higher_one_is_never_skipped(
+    postgres_url: str, reactor: Any, receiver: Any, sql: Any
+) -> None:
+    """
+    Another process's ingest transaction takes its stream id and is slow to commit; ours
+    comes after it. Stream ids must not be committed out of order: the sorter would route
+    ours, move its position past the other one's id, and never see that event.
+    """
+    service, _, _ = make_service(
+        open_store(postgres_url, reactor), [registration("a", receiver.url, users=".*")], reactor
+    )
+    service.startService()
+    try:
+        await service.started()
+        slow = prepare([event(1)])[0]
+        with sql.cursor() as cursor:
+            # the other process: its ingest transaction, as the store writes it, not committed
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", (INGEST_LOCK,))
+            cursor.execute(
+                "INSERT INTO events (event_id, sender, room_id, type, json, received_ts)"
+                " VALUES (%s, %s, %s, %s, %s, 0) RETURNING stream_id",
+                ("$e1", "@alice:hs", "!room:hs", "m.room.message", slow.json),
+            )
+            (slow_id,) = cursor.fetchone()
+        ours = service.submit([event(2)])
+        # ours must wait for the other transaction (or, without the lock, it would commit now)
+        with psycopg2.connect(postgres_url) as watcher, watcher.cursor() as cursor:
+
+            def waiting() -> bool:
+                cursor.execute(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                )
+                return bool(ours.called or cursor.fetchone()[0])
+
+            await until(reactor, waiting, "our ingest to wait or commit")
+        await service.routed()
+        sql.commit()  # the lower id commits last
+        ids = await ours
+        assert ids[0] > slow_id
+        await service.routed()
+        await receiver.wait_for_events(2)
+        assert receiver.event_ids == ["$e1", "$e2"]
+    finally:
+        await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_notify_wakes_the_sorter_of_another_process(
+    postgres_url: str, reactor: Any, receiver: Any
+) -> None:
+    # The service polls once an hour (on a clock nobody advances): only NOTIFY can wake it.
+    service, _, clock = make_service(
+        open_store(postgres_url, reactor),
+        [registration("a", receiver.url, users=".*")],
+        reactor,
+        poll_interval=3600,
+    )
+    service.startService()
+    other = open_store(postgres_url, reactor)  # another process's store
+    try:
+        await service.started()
+        await other.open()
+        await other.insert_events(prepare([event(1), event(2)]), 0.0)
+        await receiver.wait_for_events(2)
+        assert receiver.event_ids == ["$e1", "$e2"]
+        assert clock.seconds() == 0
+    finally:
+        await other.close()
+        await service.stopService()
