@@ -34,6 +34,7 @@ from .service import DeliveryService, ReloadResult, ServiceRegisteredError, Serv
 log = Logger()
 
 JSON_TYPE = b"application/json"
+_DIGITS = re.compile(r"[0-9]{1,19}")
 METRICS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -99,7 +100,10 @@ def make_site(api: Api, max_body: int, idle_timeout: float = 60) -> server.Site:
         pass
 
     Request.max_body = max_body
-    site = server.Site(api, requestFactory=Request, timeout=idle_timeout)
+    # Bodies are JSON: no form parsing by twisted.web (it answers malformed forms itself).
+    site = server.Site(
+        api, requestFactory=Request, timeout=idle_timeout, parsePOSTFormSubmission=False
+    )
     site.noisy = False
     site.log = lambda request: None  # type: ignore[method-assign]  # one line per request is noise
     return site
@@ -240,7 +244,7 @@ class Api(resource.Resource):
         if not values:
             return default
         text = values[0].decode("utf-8", "replace")
-        if not text.isdigit() or not lo <= int(text) <= hi:
+        if not _DIGITS.fullmatch(text) or not lo <= int(text) <= hi:
             raise ApiError(
                 400, "M_INVALID_PARAM", f"{name} must be a whole number from {lo} to {hi}"
             )

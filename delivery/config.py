@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import yaml
 
 from ._log import LEVELS as LOG_LEVELS
+from ._yaml import UnreadableYAML, read_yaml
 from .errors import DeliveryError
 from .events import DEFAULT_MAX_EVENT_BYTES
 from .registration import DeliveryOptions, InvalidOptionError, Registration, parse_options
@@ -95,18 +95,9 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
     """
     source = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(source, None, f"cannot read it: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(source, None, "it is not UTF-8 text") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(e, "problem", None) or str(e)
-        raise ConfigError(source, None, f"it is not valid YAML{where}: {problem}") from None
+        data = read_yaml(path)
+    except UnreadableYAML as e:
+        raise ConfigError(source, None, str(e)) from None
     return parse_config(
         data, source, Path(path).resolve().parent, os.environ if environ is None else environ
     )
@@ -235,7 +226,7 @@ def _endpoint_problem(description: str) -> str | None:
 
     try:
         endpoints.serverFromString(reactor, description)
-    except (ValueError, TypeError, KeyError) as e:
+    except Exception as e:  # any way the description cannot be used is the answer
         return str(e) or type(e).__name__
     return None
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import signal
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import endpoints
@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from twisted.web import server
 
 from ._log import Logger, set_level
-from .api import Api, Limits, Tokens, make_site
+from .api import Api, LimitedRequest, Limits, Tokens, make_site
 from .config import Config, check
 from .errors import DeliveryError
 from .metrics import Metrics
@@ -114,10 +114,7 @@ class Daemon(MultiService):
             _tokens(config),
             metrics=self.metrics,
             reload=self.reload,
-            limits=Limits(
-                max_events_per_request=config.max_events_per_request,
-                max_request_bytes=config.max_request_bytes,
-            ),
+            limits=_limits(config),
         )
         self.site = make_site(self.api, config.max_request_bytes)
         self.web = Listener(config.listen, self.site, reactor)
@@ -173,8 +170,17 @@ class Daemon(MultiService):
             )
         result = await self.delivery.reload(registrations)
         self.api.tokens = _tokens(config)
+        self.api.limits = _limits(config)
+        cast(type[LimitedRequest], self.site.requestFactory).max_body = config.max_request_bytes
         set_level(config.log.level)
         return result
+
+
+def _limits(config: Config) -> Limits:
+    return Limits(
+        max_events_per_request=config.max_events_per_request,
+        max_request_bytes=config.max_request_bytes,
+    )
 
 
 def _tokens(config: Config) -> Tokens:

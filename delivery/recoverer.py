@@ -225,6 +225,10 @@ class Recoverer:
 
     # -- persistence --
 
+    def record_state(self, handle: ServiceHandle, state: State) -> None:
+        """Remember a service's state in the store, in order with its other records."""
+        self._persist(handle, state)
+
     def _persist(self, handle: ServiceHandle, state: State) -> None:
         self._background(handle, lambda: self._store.set_state(handle.id, str(state)))
 

@@ -16,8 +16,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
-import yaml
 
+from ._yaml import UnreadableYAML, read_yaml
 from .errors import InvalidRegistrationError
 
 NAMESPACE_KINDS = ("users", "rooms", "aliases")
@@ -161,20 +161,9 @@ class Registration:
         """Read a Matrix registration YAML file (``defaults`` as for :meth:`from_dict`)."""
         source = str(path)
         try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as e:
-            raise InvalidRegistrationError(source, None, f"cannot read it: {e.strerror}") from None
-        except UnicodeDecodeError:
-            raise InvalidRegistrationError(source, None, "it is not UTF-8 text") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-            problem = getattr(e, "problem", None) or str(e)
-            raise InvalidRegistrationError(
-                source, None, f"it is not valid YAML{where}: {problem}"
-            ) from None
+            data = read_yaml(path)
+        except UnreadableYAML as e:
+            raise InvalidRegistrationError(source, None, str(e)) from None
         return _parse(data, source, defaults or DeliveryOptions())
 
 

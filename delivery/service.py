@@ -24,7 +24,7 @@ from .events import DEFAULT_MAX_EVENT_BYTES, prepare
 from .interest import InterestIndex
 from .matrix import ConnectionPool, MatrixSender
 from .pool import DEFAULT_WINDOW, EventPool
-from .records import StoredTransaction
+from .records import ServiceRecord, StoredTransaction
 from .recoverer import Recoverer
 from .registration import Registration
 from .sorter import AliasLookup, EventSorter
@@ -213,21 +213,35 @@ class DeliveryService(Service):
 
     async def _activate(self, registrations: list[Registration]) -> None:
         """Start delivering to these services: recover the ones with stored transactions."""
+        self._start_handles(registrations, await self._read_starts(registrations))
+
+    async def _read_starts(
+        self, registrations: list[Registration]
+    ) -> dict[str, tuple[ServiceRecord, bool]]:
+        """What starting these services needs from the database: record, stored or not."""
         await self.store.ensure_services([r.id for r in registrations])
         records = await self.store.services()
+        starts = {}
+        for registration in registrations:
+            stored = await self.store.oldest_transaction(registration.id)
+            starts[registration.id] = (records[registration.id], stored is not None)
+        return starts
+
+    def _start_handles(
+        self, registrations: list[Registration], starts: dict[str, tuple[ServiceRecord, bool]]
+    ) -> None:
         for registration in registrations:
             if registration.url is None and registration.id not in self._senders:
                 continue
-            record = records[registration.id]
-            stored = await self.store.oldest_transaction(registration.id)
+            record, stored = starts[registration.id]
             handle = self._handle(registration, State.DOWN if stored else State.UP)
             handle.failure_count = record.failure_count
             handle.last_error = record.last_error
-            if stored is not None:
+            if stored:
                 self._recoverer.resume(handle)
             else:
                 if record.state != str(State.UP):
-                    await self.store.set_state(registration.id, str(State.UP))
+                    self._recoverer.record_state(handle, State.UP)
                 self._maker.kick(handle)
 
     def _sender(self, registration: Registration) -> ISender:
@@ -327,7 +341,13 @@ class DeliveryService(Service):
             last_success=record.last_success_ts,
             last_error=handle.last_error if handle else record.last_error,
             failure_count=handle.failure_count if handle else record.failure_count,
-            next_retry=handle.next_retry_ts if handle else record.next_retry_ts,
+            next_retry=(
+                handle.next_retry_ts
+                if handle
+                else record.next_retry_ts
+                if service_id in self.registrations
+                else None  # an orphaned service is never retried
+            ),
             last_txn_id=record.last_txn_id,
         )
 
@@ -370,13 +390,16 @@ class DeliveryService(Service):
         added = sorted(new.keys() - old.keys())
         removed = sorted(old.keys() - new.keys())
         changed = sorted(i for i in new.keys() & old.keys() if new[i] != old[i])
+        starting = [new[i] for i in changed + added]
+        starts = await self._read_starts(starting)
+        # From here on nothing waits: the change is applied whole or not at all.
         self.registrations = new
         self._sorter.index = InterestIndex(new.values(), server_name=self._server_name)
         for service_id in removed + changed:
             handle = self._handles.pop(service_id, None)
             if handle is not None:
                 self._retire(handle)
-        await self._activate([new[i] for i in changed + added])
+        self._start_handles(starting, starts)
         log.info(
             "registrations reloaded: {added} added, {changed} changed, {removed} removed",
             added=len(added),

@@ -694,12 +694,6 @@ async def test_transactions_are_listed_and_paged(tmp_path, reactor, receiver):
         pytest.param("?from=" + "9" * 5000, id="from-5000-digits"),
     ],
 )
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Api._int_arg checks str.isdigit() and then calls int(): '²' is a digit to"
-    " isdigit but not to int(), and int() refuses more than 4300 digits; both ValueErrors"
-    " escape as 500 M_UNKNOWN instead of 400 M_INVALID_PARAM",
-)
 @pytest_twisted.ensureDeferred
 async def test_a_number_param_int_cannot_read_is_400(tmp_path, reactor, receiver, query):
     running = await start(tmp_path, reactor, [register(tmp_path, "a", receiver.url)])
@@ -785,11 +779,6 @@ async def test_reload_adds_changes_and_removes_services(tmp_path, reactor, recei
             await stop_receiver(r)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an orphaned service reports the next_retry recorded while it was DOWN,"
-    " although nothing will ever be retried (retry answers 404 for it)",
-)
 @pytest_twisted.ensureDeferred
 async def test_an_orphaned_service_has_no_next_retry(tmp_path, reactor, receiver):
     receiver.answer(500)
@@ -917,12 +906,6 @@ class Warnings:
             self.restart_keys.append(str(event["keys"]))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Daemon.reload neither applies a new max_events_per_request or"
-    " max_request_bytes (the Api's Limits and the Site keep the old ones) nor names them in"
-    " its 'need a restart' warning: the change is silently ignored",
-)
 @pytest_twisted.ensureDeferred
 async def test_reload_applies_or_warns_about_request_limits(tmp_path, reactor, receiver):
     keep = register(tmp_path, "keep", receiver.url)
@@ -952,13 +935,6 @@ async def test_reload_applies_or_warns_about_request_limits(tmp_path, reactor, r
         ),
         pytest.param("log: " + "[" * 3000 + "]" * 3000 + "\n", "RecursionError", id="deep-yaml"),
     ],
-)
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: reload answers 500 M_UNKNOWN, not 422, for a configuration that check()"
-    " fails on with an error other than DeliveryError/ValueError: config._endpoint_problem"
-    " lets serverFromString's FileNotFoundError through (ssl: listen with a missing key),"
-    " and yaml.safe_load's RecursionError (deeply nested YAML) is not caught",
 )
 @pytest_twisted.ensureDeferred
 async def test_reload_of_an_unusable_configuration_is_422(

@@ -17,7 +17,6 @@ from urllib.parse import quote
 
 import attrs
 import jsonschema  # type: ignore[import-untyped]
-import pytest
 import pytest_twisted
 import treq
 import yaml
@@ -573,11 +572,6 @@ async def sweep(
                 await check.undocumented(method, filled, "MethodNotAllowed", 405, allow)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: POST /v1/events with Content-Type multipart/form-data is answered by"
-    " twisted.web's form parser (400, empty body, connection closed), not by the Api in JSON",
-)
 @pytest_twisted.ensureDeferred
 async def test_a_form_content_type_is_still_answered_in_json(tmp_path, reactor, receiver):
     config = write_config(tmp_path, [write_registration(tmp_path, "a", receiver.url)])
