@@ -18,9 +18,10 @@ import attrs
 
 from ._log import LEVELS as LOG_LEVELS
 from ._yaml import UnreadableYAML, read_yaml
-from .errors import DeliveryError
+from .errors import DeliveryError, InvalidStoreURLError
 from .events import DEFAULT_MAX_EVENT_BYTES
 from .registration import DeliveryOptions, InvalidOptionError, Registration, parse_options
+from .store import open_store
 
 DEFAULT_LISTEN = "tcp:8008:interface=127.0.0.1"
 
@@ -163,6 +164,10 @@ def parse_config(data: object, source: str, base: Path, environ: Mapping[str, st
         relative = database.removeprefix("sqlite:///")
         if relative and relative != ":memory:":
             database = f"sqlite:///{base / relative}"
+    try:
+        open_store(database)  # parses the URL; connects only when started
+    except InvalidStoreURLError as e:
+        raise fail("database", str(e)) from None
 
     files = get("app_service_config_files", [])
     if not isinstance(files, list) or not all(isinstance(f, str) and f for f in files):

@@ -85,6 +85,8 @@ def test_defaults_apply_to_every_registration(tmp_path: Path) -> None:
         ({**TOKENS, "listen": "tcp:http"}, "listen", "Twisted endpoint"),
         ({**TOKENS, "server_name": ""}, "server_name", "homeserver name"),
         ({**TOKENS, "databse": "x"}, "databse", "not a known key"),
+        ({**TOKENS, "database": "mysql://h/d"}, "database", "unknown kind 'mysql'"),
+        ({**TOKENS, "database": "postgresql://u:pw@h/"}, "database", "names no database"),
     ],
 )
 def test_mistakes_name_the_key(data: object, key: str, words: str) -> None:
