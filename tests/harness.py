@@ -11,7 +11,8 @@ from zope.interface import implementer
 from delivery import DeliveryService, IDeliveryObserver, Registration, SendResult
 from delivery.records import StoredTransaction
 
-from .receiver import HS_TOKEN, _waiter
+from .receiver import HS_TOKEN
+from .waiting import Conditions
 
 
 def registration(
@@ -63,7 +64,7 @@ class Recorder:
         self.probes: list[tuple[str, SendResult]] = []
         self.ingested = 0
         self.routed: dict[str, int] = {}
-        self._waiters: list[tuple[Any, Deferred[None]]] = []
+        self._conditions = Conditions()
 
     def state_changed(self, service_id: str, old: str, new: str, reason: str | None) -> None:
         self.states.append((service_id, old, new, reason))
@@ -86,7 +87,7 @@ class Recorder:
 
     def wait_for(self, condition: Any, timeout: float = 15) -> Deferred[None]:
         """Fires when ``condition()`` holds; fails after ``timeout`` real seconds."""
-        return _waiter(self._waiters, condition, timeout)
+        return self._conditions.wait_for(condition, timeout)
 
     def wait_for_acks(self, count: int) -> Deferred[None]:
         """Until ``count`` transactions have been acknowledged (and forgotten)."""
@@ -99,11 +100,7 @@ class Recorder:
         )
 
     def _check(self) -> None:
-        for item in list(self._waiters):
-            condition, d = item
-            if condition():
-                self._waiters.remove(item)
-                d.callback(None)
+        self._conditions.check()
 
 
 def make_service(

@@ -14,6 +14,8 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.web import resource, server
 
+from .waiting import Conditions
+
 HS_TOKEN = "hs-secret-token"
 
 
@@ -57,7 +59,7 @@ class Receiver(resource.Resource):
         self.held: list[Received] = []
         #: transaction requests answered 2xx, in order, resends included
         self.ok: list[Received] = []
-        self._waiters: list[tuple[Callable[[], bool], Deferred[None]]] = []
+        self._conditions = Conditions()
         self.port: Any = None
 
     @property
@@ -91,7 +93,7 @@ class Receiver(resource.Resource):
 
     def wait_for(self, condition: Callable[[], bool], timeout: float = 15) -> Deferred[None]:
         """Fires when ``condition()`` holds; fails after ``timeout`` real seconds."""
-        return _waiter(self._waiters, condition, timeout)
+        return self._conditions.wait_for(condition, timeout)
 
     def wait_for_events(self, count: int) -> Deferred[None]:
         return self.wait_for(lambda: len(self.event_ids) >= count)
@@ -144,11 +146,7 @@ class Receiver(resource.Resource):
         return answer.body
 
     def _check(self) -> None:
-        for item in list(self._waiters):
-            condition, d = item
-            if condition():
-                self._waiters.remove(item)
-                d.callback(None)
+        self._conditions.check()
 
     def release(self) -> None:
         """Drop the hanging requests' connections."""
@@ -171,28 +169,6 @@ class Receiver(resource.Resource):
         self.hanging.clear()
         self.held.clear()
         self._check()
-
-
-def _waiter(
-    waiters: list[tuple[Callable[[], bool], Deferred[None]]],
-    condition: Callable[[], bool],
-    timeout: float,
-) -> Deferred[None]:
-    """
-    A Deferred that fires once ``condition()`` holds (checked whenever the owner calls its
-    ``_check``), failing with a TimeoutError after ``timeout`` seconds of the real reactor:
-    a safety net so that a broken pipeline fails a test instead of hanging it.
-    """
-    from twisted.internet import reactor
-
-    d: Deferred[None] = Deferred(lambda d: waiters.remove(item) if item in waiters else None)
-    item = (condition, d)
-    if condition():
-        d.callback(None)
-    else:
-        waiters.append(item)
-        d.addTimeout(timeout, reactor)
-    return d
 
 
 async def start_receiver(reactor: Any, hs_token: str = HS_TOKEN) -> Receiver:

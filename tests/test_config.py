@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from delivery.config import ConfigError, load_config, parse_config
+from delivery.config import Config, ConfigError, load_config, parse_config
 
 
-def parse(data: object, environ: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+def parse(data: object, environ: dict[str, str] | None = None) -> Config:
     return parse_config(data, "delivery.yaml", Path("/etc/delivery"), environ or {})
 
 

@@ -23,6 +23,7 @@ from delivery import cli
 from .daemon_harness import ADMIN, INGEST, auth, write_config, write_registration
 from .harness import event
 from .receiver import start_receiver, stop_receiver
+from .waiting import Conditions
 
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 LISTENING = re.compile(rb"HTTP API listening on 127\.0\.0\.1:(\d+)")
@@ -36,17 +37,14 @@ class DaemonProcess(protocol.ProcessProtocol):
         self.port: Deferred[int] = Deferred()
         #: how it ended: (exit code, signal); twistd ends itself with the signal it got
         self.ended: Deferred[tuple[int | None, int | None]] = Deferred()
-        self._waiters: list[tuple[bytes, Deferred[None]]] = []
+        self._conditions = Conditions()
 
     def outReceived(self, data: bytes) -> None:
         self.output += data
         match = LISTENING.search(self.output)
         if match and not self.port.called:
             self.port.callback(int(match.group(1)))
-        for item in list(self._waiters):
-            if item[0] in self.output:
-                self._waiters.remove(item)
-                item[1].callback(None)
+        self._conditions.check()
 
     errReceived = outReceived
 
@@ -56,15 +54,7 @@ class DaemonProcess(protocol.ProcessProtocol):
         self.ended.callback((reason.value.exitCode, reason.value.signal))
 
     def wait_for_output(self, text: bytes) -> Deferred[None]:
-        from twisted.internet import reactor
-
-        d: Deferred[None] = Deferred()
-        if text in self.output:
-            d.callback(None)
-        else:
-            self._waiters.append((text, d))
-            d.addTimeout(15, reactor)
-        return d
+        return self._conditions.wait_for(lambda: text in self.output)
 
 
 async def run_daemon(reactor: Any, folder: Path, config: Path) -> tuple[DaemonProcess, Any, str]:

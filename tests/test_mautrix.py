@@ -29,7 +29,8 @@ from twisted.python.failure import Failure
 from delivery import Registration
 
 from .harness import event, make_service, registration
-from .receiver import HS_TOKEN, _waiter
+from .receiver import HS_TOKEN
+from .waiting import Conditions
 
 T = TypeVar("T")
 
@@ -95,7 +96,7 @@ class MautrixReceiver:
         #: front of the bridge lost the answer (set before anything is sent)
         self.lose_answers = 0
         self._lock = threading.Lock()
-        self._waiters: list[tuple[Callable[[], bool], Deferred[None]]] = []
+        self._conditions = Conditions()
         self._loop_done: Deferred[None] = Deferred()
         self._runner: web.AppRunner | None = None
 
@@ -123,11 +124,7 @@ class MautrixReceiver:
 
     def _apply(self, fn: Callable[[T], object], value: T) -> None:
         fn(value)
-        for item in list(self._waiters):
-            condition, d = item
-            if condition():
-                self._waiters.remove(item)
-                d.callback(None)
+        self._conditions.check()
 
     @web.middleware
     async def _middleware(
@@ -195,7 +192,7 @@ class MautrixReceiver:
 
     def wait_for(self, condition: Callable[[], bool], timeout: float = 15) -> Deferred[None]:
         """Fires when ``condition()`` holds; fails after ``timeout`` real seconds."""
-        return _waiter(self._waiters, condition, timeout)
+        return self._conditions.wait_for(condition, timeout)
 
     def wait_for_events(self, count: int) -> Deferred[None]:
         return self.wait_for(lambda: len(self.events) >= count)

@@ -41,7 +41,9 @@ def test_open_store_reads_relative_and_absolute_sqlite_paths() -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_migrations_run_once_and_the_file_is_in_wal_mode(sqlite_url: str, reactor: Any) -> None:
+async def test_migrations_run_once_and_the_file_is_in_wal_mode(
+    sqlite_url: str, reactor: Any
+) -> None:
     path = sqlite_url.removeprefix("sqlite:///")
     for _ in range(2):
         store = open_store(sqlite_url, reactor)
