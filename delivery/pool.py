@@ -118,10 +118,13 @@ class EventPool:
     def reread_all(self) -> None:
         """
         The sorter may have committed events it could not hand over: read every queue
-        again past what the windows hold (what they hold stays valid).
+        again past what the windows hold (what they hold stays valid), and tell every
+        service to look (nothing else may come to wake it).
         """
         for window in self._windows.values():
             window.backlog = window.touched = True
+        for service_id in list(self._windows):
+            self.on_ready(service_id)
 
     def reset(self, service_id: str) -> None:
         """Forget what is in memory; the next batch reads the queue afresh."""

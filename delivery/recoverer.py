@@ -123,7 +123,10 @@ class Recoverer:
             )
         if not (self._stopped or handle.retired):
             handle.retry_call = self._clock.callLater(delay, self._wait_over, handle)
-            if options.probe and options.probe_interval < delay:
+            # Probe only a receiver that failed (a transaction was sent): that it answers
+            # says nothing of the database or the bug that failed otherwise, and ending
+            # the wait at every probe would retry those without backoff.
+            if options.probe and txn is not None and options.probe_interval < delay:
                 handle.probe_call = self._clock.callLater(
                     options.probe_interval, self._probe, handle
                 )
@@ -135,7 +138,6 @@ class Recoverer:
         handle.next_retry_ts = None
         log.info("{service} is RECOVERING: resending stored transactions", service=handle.id)
         self._persist(handle, State.RECOVERING)
-        self._maker.kick(handle)
         self._observers.state_changed(handle.id, str(State.DOWN), str(State.RECOVERING), None)
 
     def enter_up(self, handle: ServiceHandle) -> None:
@@ -164,14 +166,23 @@ class Recoverer:
         """End the wait of a DOWN service at once."""
         if handle.state is State.DOWN:
             log.info("{service}: retry requested", service=handle.id)
-            handle.machine.retry()
-        else:
-            self._maker.kick(handle)
+        self._retry(handle)
+
+    def _retry(self, handle: ServiceHandle) -> None:
+        """
+        End the wait: the service is RECOVERING, and its loop resends. The loop starts once
+        the machine is in its new state, not from inside the transition: what the loop
+        reports (a failure may come at once, the database being away) is a transition of
+        its own then, rather than one the machine would postpone and run against a state
+        that has moved on meanwhile.
+        """
+        handle.machine.retry()
+        self._maker.kick(handle)
 
     def _wait_over(self, handle: ServiceHandle) -> None:
         handle.retry_call = None
         if handle.state is State.DOWN:
-            handle.machine.retry()
+            self._retry(handle)
 
     def _probe(self, handle: ServiceHandle) -> None:
         handle.probe_call = None
@@ -188,7 +199,7 @@ class Recoverer:
                 service=handle.id,
                 status=result.status,
             )
-            handle.machine.retry()
+            self._retry(handle)
         else:
             interval = handle.registration.options.probe_interval
             retry = handle.retry_call
@@ -212,7 +223,7 @@ class Recoverer:
         At start-up, a service with stored transactions (its machine built in DOWN) is
         recovered first, at once, whatever state was recorded.
         """
-        handle.machine.retry()
+        self._retry(handle)
 
     def stop(self, handles: list[ServiceHandle]) -> None:
         """Cancel every wait and probe of these services (all of them, when stopping)."""
@@ -240,7 +251,8 @@ class Recoverer:
 
         def done(failure: Failure) -> None:
             if failure.check(StoreUnavailableError):
-                log.warn(
+                # The store has warned of the outage: this is only one of its consequences.
+                log.info(
                     "could not record the state of {service}: {error}",
                     service=handle.id,
                     error=failure.getErrorMessage(),

@@ -282,6 +282,8 @@ class DeliveryService(Service):
         self._recoverer.stop_all(handles)
         await self._sorter.stop()
         await self._maker.stop(handles)
+        for handle in handles:  # the state writes queued, before the store closes
+            await _recorded(handle)
         await self._connections.close()
         await self.store.close()
 
@@ -466,11 +468,8 @@ class DeliveryService(Service):
         if service_id not in self.registrations and service_id not in await self.store.services():
             raise UnknownServiceError(service_id)
         handle = self._handles.get(service_id)
-        while handle is not None and handle.persisting is not None:
-            pending = handle.persisting
-            await _observe(pending)
-            if handle.persisting is pending:
-                break
+        if handle is not None:
+            await _recorded(handle)
 
     def state_of(self, service_id: str) -> str:
         """The state of a service as known in memory: ``orphaned`` if not registered."""
@@ -482,6 +481,15 @@ class DeliveryService(Service):
     def observe(self, observer: IDeliveryObserver) -> None:
         """Have ``observer`` told of state changes and transactions as they happen."""
         self._observers.add(observer)
+
+
+async def _recorded(handle: ServiceHandle) -> None:
+    """Wait until the writes recording the service's state are done, however they end."""
+    while handle.persisting is not None:
+        pending = handle.persisting
+        await _observe(pending)
+        if handle.persisting is pending:
+            break
 
 
 async def _observe(d: Deferred[None]) -> None:

@@ -103,9 +103,10 @@ class EventSorter:
         except Exception as e:
             # A commit may have happened even though its answer was lost: start the next
             # pass from what the database says.
-            self._unsure = True
+            paused, self._unsure = self._unsure, True
             if isinstance(e, StoreUnavailableError):
-                log.warn("routing events paused: {error}", error=str(e))
+                if not paused:  # once, not at every pass while the database is away
+                    log.warn("routing events paused: {error}", error=str(e))
             else:
                 log.failure(
                     "routing events failed; trying again in {interval} s",
@@ -124,6 +125,7 @@ class EventSorter:
         self.position = await self._store.sorter_position()
         self._pool.reread_all()
         self._unsure = False
+        log.info("routing events resumed from stream position {position}", position=self.position)
 
     async def sort_once(self) -> int:
         """Route one batch of events; how many were read."""

@@ -57,6 +57,7 @@ class TransactionMaker:
                 handle.loop = loop
 
     async def _run(self, handle: ServiceHandle) -> None:
+        crashed = False
         try:
             while not (self._stopped or handle.retired):
                 txn: StoredTransaction | None
@@ -78,11 +79,17 @@ class TransactionMaker:
                 if not await self.deliver(handle, txn):
                     break
         except Exception:
+            crashed = True
             self._crashed(handle, Failure())
         finally:
             handle.loop = None
-        if handle.state is State.RECOVERING and not (self._stopped or handle.retired):
-            # Retried while the loop was ending: start it again.
+        if (
+            not crashed
+            and handle.state is State.RECOVERING
+            and not (self._stopped or handle.retired)
+        ):
+            # Retried while the loop was ending: start it again. (A loop that crashed has
+            # handed the service to the recovery path, which starts it again after a wait.)
             self.kick(handle)
 
     def _crashed(self, handle: ServiceHandle, failure: Failure) -> None:

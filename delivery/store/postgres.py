@@ -8,21 +8,29 @@ asynchronous connections, plus what several processes sharing one database need.
 - Migrations run under another advisory lock: processes starting together migrate once.
 - ``NOTIFY delivery_events`` on ingest wakes the sorter of every process at once, through
   a dedicated ``LISTEN`` connection.
-- A connection that dies (the server restarted, the backend was terminated) reconnects
-  with backoff on its own; meanwhile operations fail at once with
-  :class:`StoreUnavailableError`.
+- Each connection keeps itself connected: when it dies (the server restarted, the backend
+  was terminated) it reconnects with backoff, and meanwhile operations fail at once with
+  :class:`StoreUnavailableError`. An outage is logged once when it begins and once when it
+  ends. The ``LISTEN`` connection listens again when it is back, and wakes the sorter then:
+  notifications sent meanwhile were lost.
+- Every operation is bounded: one the server does not answer within ``timeout`` seconds is
+  abandoned with its connection (which reconnects) and fails with
+  :class:`StoreUnavailableError`, so that a dead network never hangs the pool.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable
+import random
+from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from twisted.internet.defer import Deferred, DeferredSemaphore, maybeDeferred, succeed
+import attrs
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
-from txpostgres import reconnection, retrying, txpostgres
+from txpostgres import txpostgres
 from txpostgres.psycopg2_impl import psycopg2
 from zope.interface import implementer
 
@@ -37,13 +45,17 @@ T = TypeVar("T")
 
 log = Logger()
 
-#: errors that mean the database is not there, rather than that a statement was wrong
-UNAVAILABLE = (
-    psycopg2.OperationalError,
-    psycopg2.InterfaceError,
-    reconnection.ConnectionDead,
-    txpostgres.RollbackFailed,
-)
+#: errors that mean the database is not there (or not for now), rather than that a
+#: statement was wrong
+UNAVAILABLE = (psycopg2.OperationalError, psycopg2.InterfaceError)
+
+#: seconds a connection attempt may take (libpq's ``connect_timeout`` does not apply to
+#: asynchronous connections)
+CONNECT_TIMEOUT = 10.0
+#: waits between attempts to reconnect: the first at once, then from the initial wait
+#: doubling to the longest, each moved by up to 20 % either way
+RECONNECT_INITIAL_DELAY = 0.2
+RECONNECT_MAX_DELAY = 5.0
 
 
 async def _execute(cursor: Any, op: _sql.Op) -> Any:
@@ -90,132 +102,402 @@ def describe(url: str) -> str:
 
 @implementer(IStore)
 class PostgresStore(GeneratorStore):
-    """The store in the PostgreSQL database at ``url`` (``postgresql://user@host/db``)."""
+    """
+    The store in the PostgreSQL database at ``url`` (``postgresql://user@host/db``).
+
+    :param connections: the size of the pool (one more connection listens for NOTIFY).
+    :param timeout: seconds an operation may wait for the server's answers before it is
+        abandoned as unavailable (``None``: no limit).
+    """
 
     dialect = POSTGRES
 
-    def __init__(self, url: str, reactor: Any = None, connections: int = 4) -> None:
+    def __init__(
+        self,
+        url: str,
+        reactor: Any = None,
+        connections: int = 4,
+        timeout: float | None = 60.0,
+    ) -> None:
         if reactor is None:
             from twisted.internet import reactor
         self.url = url
+        self.timeout = timeout
         self._reactor = reactor
         self._size = connections
         self._pool: _Pool | None = None
-        self._listener: txpostgres.Connection | None = None
+        self._listener: _Link | None = None
         self._observers: list[Callable[[], None]] = []
+        #: the connections that are down, and since when and why
+        self._down: set[_Link] = set()
+        self._outage: _Outage | None = None
 
     def __repr__(self) -> str:
         return f"<PostgresStore {describe(self.url)}>"
 
-    def _connection(self, *args: Any) -> txpostgres.Connection:
-        detector = reconnection.DeadConnectionDetector(
-            reconnectionIterator=lambda: retrying.simpleBackoffIterator(
-                initialDelay=0.2, maxDelay=5.0, maxRetries=0, now=True
-            ),
-            reactor=self._reactor,
-        )
-        detector.addRecoveryHandler(lambda: log.info("reconnected to {db}", db=describe(self.url)))
-        return txpostgres.Connection(self._reactor, detector=detector)
+    # -- opening and closing --
 
     async def _open(self) -> None:
         if self._pool is None:
-            connections = [self._connection() for _ in range(self._size)]
-            try:
-                for connection in connections:
-                    await connection.connect(self.url)
-            except Exception as e:
-                for connection in connections:
-                    _forget(connection)
-                raise StoreUnavailableError(
-                    f"cannot connect to PostgreSQL at {describe(self.url)}: {_first_line(e)}"
-                ) from None
-            self._pool = _Pool(connections)
-        await self._run(_sql.migrate, self.dialect)
-        await self._listen()
+            links = [_Link(self) for _ in range(self._size)]
+            await self._connect(links)
+            self._pool = _Pool(links)
+        # A migration may take long on a big database: it is not bounded.
+        await self._operation(_sql.migrate(self.dialect), None)
+        if self._listener is None:
+            listener = _Link(self, prepare=self._start_listening)
+            await self._connect([listener])
+            self._listener = listener
+
+    async def _connect(self, links: list[_Link]) -> None:
+        try:
+            for link in links:
+                await link.connect()
+        except Exception as e:
+            for link in links:
+                link.close()
+            raise StoreUnavailableError(
+                f"cannot connect to PostgreSQL at {describe(self.url)}: {_first_line(e)}"
+            ) from None
 
     def open(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._open())
 
-    async def _listen(self) -> None:
-        if self._listener is not None:
-            return
-        listener = self._connection()
-        self._listener = listener
-        listener.addNotifyObserver(self._notified)
-        assert listener.detector is not None
-        listener.detector.addRecoveryHandler(lambda: listener.runOperation(_LISTEN))
-        await listener.connect(self.url)
-        await listener.runOperation(_LISTEN)
+    def close(self) -> Deferred[None]:
+        pool, self._pool = self._pool, None
+        listener, self._listener = self._listener, None
+        for link in ([*pool.links] if pool else []) + ([listener] if listener else []):
+            link.close()
+        self._down.clear()
+        self._outage = None
+        return succeed(None)
+
+    # -- NOTIFY --
+
+    async def _start_listening(self, connection: _Connection) -> None:
+        connection.addNotifyObserver(self._notified)
+        await connection.cursor().execute(_LISTEN)
 
     def _notified(self, notify: Any) -> None:
         if notify.channel == _sql.EVENTS_CHANNEL:
-            for observer in list(self._observers):
-                observer()
+            self._wake()
+
+    def _wake(self) -> None:
+        for observer in list(self._observers):
+            observer()
 
     def on_new_events(self, callback: Callable[[], None]) -> None:
         self._observers.append(callback)
 
-    def close(self) -> Deferred[None]:
-        pool, self._pool = self._pool, None
-        listener, self._listener = self._listener, None
-        for connection in ([*pool.connections] if pool else []) + ([listener] if listener else []):
-            _forget(connection)
-        return succeed(None)
+    # -- running operations --
 
     def _run(self, operation: Callable[..., _sql.Steps[T]], *args: Any) -> Deferred[T]:
         if self._pool is None:
             raise RuntimeError(f"{self!r} is not open: call open() first")
+        return _detached(Deferred.fromCoroutine(self._operation(operation(*args), self.timeout)))
 
-        def interaction(cursor: Any) -> Deferred[T]:
-            return Deferred.fromCoroutine(drive(cursor, operation(*args)))
+    async def _operation(self, steps: _sql.Steps[T], timeout: float | None) -> T:
+        """Run an operation in one transaction, on the first connection free."""
+        pool = self._pool
+        if pool is None:
+            raise StoreUnavailableError(f"{self!r} is closed")
+        link = await pool.acquire()
+        if link is None:
+            raise self._unavailable()
+        try:
+            assert link.connection is not None  # the pool hands out links that are up
+            return await self._transaction(link, link.connection, steps, timeout)
+        finally:
+            pool.release(link)
 
-        d: Deferred[T] = self._pool.run(interaction)
-        d.addErrback(self._unavailable)
-        return d
+    async def _transaction(
+        self, link: _Link, connection: _Connection, steps: _sql.Steps[T], timeout: float | None
+    ) -> T:
+        deadline = _Deadline(self._reactor, timeout, connection)
+        try:
+            cursor = connection.cursor()
+            await cursor.execute("BEGIN")
+            result = await drive(cursor, steps)
+            await cursor.execute("COMMIT")
+            return result
+        except Exception as e:
+            # The server ends a transaction whose COMMIT failed; any other failure leaves
+            # it open. A connection that cannot even roll back is of no more use.
+            usable = not (deadline.expired or connection.closed) and await _rolled_back(connection)
+            why = TimeoutError(f"no answer within {timeout} s") if deadline.expired else e
+            if not usable:
+                link.lost(connection, why)
+            if not usable or isinstance(e, UNAVAILABLE):
+                raise StoreUnavailableError(
+                    f"PostgreSQL at {describe(self.url)} is unavailable: {_first_line(why)}"
+                ) from None
+            raise
+        finally:
+            deadline.cancel()
 
-    def _unavailable(self, failure: Failure) -> Failure:
-        if failure.check(*UNAVAILABLE):
-            raise StoreUnavailableError(
-                f"PostgreSQL at {describe(self.url)} is unavailable: {_first_line(failure.value)}"
+    def _unavailable(self) -> StoreUnavailableError:
+        why = f"{self._outage.error}; reconnecting" if self._outage else "reconnecting"
+        return StoreUnavailableError(f"PostgreSQL at {describe(self.url)} is unavailable: {why}")
+
+    # -- outages, as the links tell of them: logged once each --
+
+    def _link_down(self, link: _Link, error: object) -> None:
+        if self._outage is None:
+            self._outage = _Outage(self._reactor.seconds(), _first_line(error))
+            log.warn(
+                "lost the connection to PostgreSQL at {db}: {error}; reconnecting with"
+                " backoff, and until then every operation fails at once",
+                db=describe(self.url),
+                error=self._outage.error,
             )
-        return failure
+        self._down.add(link)
+        if self._pool is not None:
+            self._pool.changed()  # the operations waiting fail if no link is left
+
+    def _reconnect_failed(self, error: object) -> None:
+        if self._outage is not None and not self._outage.retrying:
+            self._outage.retrying = True
+            log.info(
+                "cannot reconnect to PostgreSQL at {db} yet: {error}; still trying",
+                db=describe(self.url),
+                error=_first_line(error),
+            )
+
+    def _link_up(self, link: _Link) -> None:
+        self._down.discard(link)
+        if not self._down and self._outage is not None:
+            began, self._outage = self._outage.began, None
+            log.info(
+                "reconnected to PostgreSQL at {db} after {seconds:.1f} s",
+                db=describe(self.url),
+                seconds=self._reactor.seconds() - began,
+            )
+        if self._pool is not None:
+            self._pool.changed()
+        if link is self._listener:
+            # Notifications sent while it was away are lost: look for new events now.
+            self._wake()
+
+
+@attrs.define
+class _Outage:
+    """Connections of the store are down since ``began``, the first because of ``error``."""
+
+    began: float
+    error: str
+    #: a reconnection attempt failed, and that was logged
+    retrying: bool = False
 
 
 _LISTEN = f"LISTEN {_sql.EVENTS_CHANNEL}"
 
 
+class _Connection(txpostgres.Connection):  # type: ignore[misc]
+    """A txpostgres connection that tells its owner when it dies, rather than the log."""
+
+    def __init__(self, reactor: Any) -> None:
+        super().__init__(reactor)
+        #: called with the reason when the connection is lost
+        self.on_lost: Callable[[Failure], None] | None = None
+
+    def doRead(self) -> object:
+        try:
+            super().doRead()
+        except psycopg2.Error as e:
+            # An idle connection whose server went away: txpostgres has no one to report
+            # the error to and lets it escape to the reactor, which would log it as an
+            # unhandled error before disconnecting. Return it instead: the reactor then
+            # disconnects with it as the reason (connectionLost), quietly.
+            return e
+        return None
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        if self.on_lost is not None:
+            self.on_lost(reason)
+
+    def close(self) -> None:
+        self.on_lost = None
+        if self._connection is not None:  # else it never got as far as connecting
+            super().close()
+
+
+class _Link:
+    """
+    One connection to the database that keeps itself connected. When it dies it is down
+    (``connection`` is None) and reconnects with backoff, the first time at once (a
+    terminated backend leaves the server there).
+    """
+
+    def __init__(
+        self,
+        store: PostgresStore,
+        prepare: Callable[[_Connection], Awaitable[None]] | None = None,
+    ) -> None:
+        self._store = store
+        self._reactor = store._reactor
+        #: run on each new connection before it is used
+        self._prepare = prepare
+        self.connection: _Connection | None = None
+        #: the connection being made
+        self._attempt: _Connection | None = None
+        self._delay = 0.0
+        self._retry: IDelayedCall | None = None
+        self._closed = False
+
+    async def connect(self) -> None:
+        """Connect the first time; raise why not."""
+        self._use(await self._new())
+
+    async def _new(self) -> _Connection:
+        connection = _Connection(self._reactor)
+        self._attempt = connection
+        deadline = _Deadline(self._reactor, CONNECT_TIMEOUT, connection)
+        try:
+            await connection.connect(self._store.url)
+            if self._prepare is not None:
+                await self._prepare(connection)
+        except Exception:
+            connection.close()
+            if deadline.expired:
+                raise TimeoutError(f"no answer within {CONNECT_TIMEOUT} s") from None
+            raise
+        finally:
+            deadline.cancel()
+            self._attempt = None
+        return connection
+
+    def _use(self, connection: _Connection) -> None:
+        self.connection = connection
+        connection.on_lost = lambda reason: self.lost(connection, reason.value)
+
+    def lost(self, connection: _Connection, error: object) -> None:
+        """``connection`` died or cannot be trusted any more: drop it and reconnect."""
+        if connection is not self.connection:
+            return  # already dropped
+        self.connection = None
+        connection.close()
+        if self._closed:
+            return
+        self._store._link_down(self, error)
+        self._delay = 0.0
+        self._retry = self._reactor.callLater(0, self._reconnect)
+
+    def _reconnect(self) -> None:
+        self._retry = None
+        Deferred.fromCoroutine(self._reconnecting())
+
+    async def _reconnecting(self) -> None:
+        try:
+            connection = await self._new()
+        except Exception as e:
+            if self._closed:
+                return
+            self._store._reconnect_failed(e)
+            self._delay = min(RECONNECT_MAX_DELAY, max(RECONNECT_INITIAL_DELAY, self._delay * 2))
+            self._retry = self._reactor.callLater(
+                self._delay * random.uniform(0.8, 1.2), self._reconnect
+            )
+            return
+        if self._closed:
+            connection.close()
+            return
+        self._use(connection)
+        self._store._link_up(self)
+
+    def close(self) -> None:
+        """Close for good: no reconnecting."""
+        self._closed = True
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        for connection in (self.connection, self._attempt):
+            if connection is not None:
+                connection.close()
+        self.connection = None
+
+
 class _Pool:
     """
-    A fixed set of connections, each used by one transaction at a time. A connection that
-    dies stays in the set: its detector reconnects it, and meanwhile it fails at once.
+    A fixed set of links, each used by one transaction at a time. An operation takes a free
+    link that is up, or waits its turn while any link is up; when none is, it fails at once
+    rather than wait for the database to come back.
     """
 
-    def __init__(self, connections: list[txpostgres.Connection]) -> None:
-        self.connections = connections
-        self._idle = list(connections)
-        self._free = DeferredSemaphore(len(connections))
+    def __init__(self, links: list[_Link]) -> None:
+        self.links = links
+        self._idle = list(links)
+        self._waiting: deque[Deferred[_Link | None]] = deque()
 
-    async def _run(self, interaction: Callable[[Any], Deferred[T]]) -> T:
-        await self._free.acquire()
-        connection = self._idle.pop()
-        try:
-            result: T = await maybeDeferred(connection.runInteraction, interaction)
-            return result
-        finally:
-            self._idle.append(connection)
-            self._free.release()
+    def acquire(self) -> Deferred[_Link | None]:
+        """A free link that is up, or None if none is; give it back with release()."""
+        waiter: Deferred[_Link | None] = Deferred()
+        self._waiting.append(waiter)
+        self.changed()
+        return waiter
 
-    def run(self, interaction: Callable[[Any], Deferred[T]]) -> Deferred[T]:
-        return Deferred.fromCoroutine(self._run(interaction))
+    def release(self, link: _Link) -> None:
+        self._idle.append(link)
+        self.changed()
+
+    def changed(self) -> None:
+        """Hand free links to the operations waiting, in turn (or None: all are down)."""
+        while self._waiting:
+            if all(link.connection is None for link in self.links):
+                self._waiting.popleft().callback(None)
+                continue
+            link = next((link for link in self._idle if link.connection is not None), None)
+            if link is None:
+                return
+            self._idle.remove(link)
+            self._waiting.popleft().callback(link)
 
 
-def _forget(connection: txpostgres.Connection) -> None:
-    """Close a connection for good: no reconnecting."""
-    if connection.detector is not None:
-        connection.detector.connectionIsDead = True
-        connection.detector.reconnect = lambda: succeed(None)
-    with contextlib.suppress(Exception):  # already closed, or never opened
+class _Deadline:
+    """Closes a connection that has not finished its work in time (no limit: None)."""
+
+    def __init__(self, reactor: Any, seconds: float | None, connection: _Connection) -> None:
+        self.expired = False
+        self._call: IDelayedCall | None = (
+            None if seconds is None else reactor.callLater(seconds, self._expire, connection)
+        )
+
+    def _expire(self, connection: _Connection) -> None:
+        self.expired = True
         connection.close()
+
+    def cancel(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+
+
+async def _rolled_back(connection: _Connection) -> bool:
+    """Roll back the connection's transaction; whether it could."""
+    try:
+        await connection.cursor().execute("ROLLBACK")
+    except Exception:
+        return False
+    return True
+
+
+def _detached(d: Deferred[T]) -> Deferred[T]:
+    """
+    ``d``'s result, in a Deferred whose cancellation only stops the caller waiting: an
+    operation is never cut off between the statements of the PostgreSQL protocol (which
+    txpostgres cannot do), it finishes on its connection and its result is dropped.
+    """
+    result: Deferred[T] = Deferred(lambda _: None)
+
+    def deliver(outcome: T | Failure) -> None:
+        if result.called:
+            return  # cancelled: no one is waiting any more
+        if isinstance(outcome, Failure):
+            result.errback(outcome)
+        else:
+            result.callback(outcome)
+
+    d.addBoth(deliver)
+    return result
 
 
 def _first_line(error: object) -> str:

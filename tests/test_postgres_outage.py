@@ -1,0 +1,287 @@
+"""
+PostgreSQL going away in the middle of delivery: nothing lost, nothing out of order, and
+the daemon says so once, in plain words, rather than with tracebacks.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg2
+import pytest
+import pytest_twisted
+from twisted.internet import task
+from twisted.logger import ILogObserver, LogEvent, LogLevel, globalLogPublisher
+from zope.interface import implementer
+
+from delivery.errors import StoreUnavailableError
+from delivery.store import PostgresStore, open_store
+from delivery.store._sql import EVENTS_CHANNEL
+
+from .harness import event, make_service, registration
+from .test_postgres import until
+
+
+def _admin(postgres_url: str) -> Any:
+    """A connection to the server's ``postgres`` database, to act on the test's."""
+    connection = psycopg2.connect(postgres_url.rsplit("/", 1)[0] + "/postgres")
+    connection.autocommit = True
+    return connection
+
+
+def _name(postgres_url: str) -> str:
+    return postgres_url.rsplit("/", 1)[1]
+
+
+def _terminate_backends(postgres_url: str, keep_out: bool = False) -> int:
+    """
+    Kill every connection to the test's database, as a server restart does, and wait until
+    they are gone. With ``keep_out`` the database refuses connections until :func:`_let_in`,
+    as a server that takes a while to come back does.
+    """
+    admin = _admin(postgres_url)
+    killed = 0
+    try:
+        with admin.cursor() as cursor:
+            if keep_out:
+                cursor.execute(f"ALTER DATABASE {_name(postgres_url)} ALLOW_CONNECTIONS false")
+            # Twice: a connection the daemon was making as the door closed gets in late.
+            for attempt in range(2 if keep_out else 1):
+                if attempt:
+                    time.sleep(0.05)
+                cursor.execute(
+                    "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity"
+                    " WHERE datname = %s AND pid <> pg_backend_pid()",
+                    (_name(postgres_url),),
+                )
+                done = [row[0] for row in cursor.fetchall()]
+                assert all(done), "a backend outlived pg_terminate_backend"
+                killed += len(done)
+    finally:
+        admin.close()
+    return killed
+
+
+def _let_in(postgres_url: str) -> None:
+    admin = _admin(postgres_url)
+    try:
+        with admin.cursor() as cursor:
+            cursor.execute(f"ALTER DATABASE {_name(postgres_url)} ALLOW_CONNECTIONS true")
+    finally:
+        admin.close()
+
+
+def _notify(postgres_url: str) -> None:
+    """Announce new events as another process's ingest does."""
+    connection = psycopg2.connect(postgres_url)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(f"NOTIFY {EVENTS_CHANNEL}")
+        connection.commit()
+    finally:
+        connection.close()
+
+
+async def _answers(reactor: Any, store: Any, timeout: float = 15) -> None:
+    """Wait until the store answers a ping."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await store.ping()
+            return
+        except StoreUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+        await task.deferLater(reactor, 0.02, lambda: None)
+
+
+async def _settled(reactor: Any, service: Any, service_id: str, timeout: float = 15) -> Any:
+    """Wait until the service is UP with nothing queued or stored; its status then."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = await service.status(service_id)
+        if (status.state, status.queued_events, status.stored_transactions) == ("up", 0, 0):
+            return status
+        assert time.monotonic() < deadline, f"never settled: {status}"
+        await task.deferLater(reactor, 0.02, lambda: None)
+
+
+@implementer(ILogObserver)
+class Log:
+    """Every event logged while a test runs."""
+
+    def __init__(self) -> None:
+        self.events: list[LogEvent] = []
+
+    def __call__(self, event: LogEvent) -> None:
+        self.events.append(event)
+
+    def tracebacks(self) -> list[str]:
+        """What was logged with a traceback: unhandled errors, failures."""
+        gc.collect()  # a Deferred that failed with no one to tell logs it when collected
+        return [
+            f"{e.get('log_format')}: {e['log_failure'].getTraceback()}"
+            for e in self.events
+            if "log_failure" in e
+        ]
+
+    def count(self, level: LogLevel, start: str) -> int:
+        """How many messages of this level began so."""
+        return sum(
+            1
+            for e in self.events
+            if e.get("log_level") == level and str(e.get("log_format", "")).startswith(start)
+        )
+
+
+@pytest.fixture
+def logged() -> Iterator[Log]:
+    log = Log()
+    globalLogPublisher.addObserver(log)
+    try:
+        yield log
+    finally:
+        globalLogPublisher.removeObserver(log)
+
+
+@pytest_twisted.ensureDeferred
+async def test_losing_the_database_mid_delivery_loses_nothing(
+    postgres_url: str, reactor: Any, receiver: Any, logged: Log
+) -> None:
+    regs = [
+        registration(
+            "a",
+            receiver.url,
+            users=".*",
+            max_events=10,
+            initial_delay=0.05,
+            max_delay=0.2,
+            probe_interval=0.05,
+        )
+    ]
+    service, _, _ = make_service(
+        open_store(postgres_url, reactor), regs, reactor, clock=reactor, poll_interval=0.05
+    )
+    service.startService()
+    await service.started()
+    submitted = 0
+    refused = 0
+    outages = 0
+
+    async def submit(batch: list[dict[str, Any]]) -> None:
+        nonlocal refused
+        while True:  # as a producer does: retry what was not acknowledged
+            try:
+                await service.submit(batch)
+                return
+            except StoreUnavailableError:
+                refused += 1
+                await task.deferLater(reactor, 0.02, lambda: None)
+
+    started = time.monotonic()
+    try:
+        for round_ in range(6):
+            for _ in range(5):
+                await submit([event(n) for n in range(submitted, submitted + 7)])
+                submitted += 7
+            # Every other outage lasts a while: the server refuses connections meanwhile.
+            lasting = round_ % 2 == 1
+            outages += _terminate_backends(postgres_url, keep_out=lasting) > 0
+            # The next operation finds out (and /health answers 503).
+            with pytest.raises(StoreUnavailableError):
+                await service.store.ping()
+            if lasting:
+                # Ingest is refused while the database is away: nothing is acknowledged.
+                with pytest.raises(StoreUnavailableError):
+                    await service.submit([event(submitted)])
+                refused += 1
+                with pytest.raises(StoreUnavailableError):
+                    await service.store.ping()
+                await task.deferLater(reactor, 0.3, lambda: None)
+                _let_in(postgres_url)
+        await until(
+            reactor, lambda: len(receiver.event_ids) >= submitted, "every event", timeout=60
+        )
+        await _answers(reactor, service.store)
+        # UP, with nothing left queued or stored (the last acknowledgement is recorded).
+        status = await _settled(reactor, service, "a")
+        # Every connection comes back (some wait out their backoff), and the log says so.
+        await until(
+            reactor,
+            lambda: (
+                logged.count(LogLevel.info, "reconnected to PostgreSQL")
+                == logged.count(LogLevel.warn, "lost the connection to PostgreSQL")
+            ),
+            "the end of the last outage logged",
+        )
+    finally:
+        _let_in(postgres_url)
+        await service.stopService()
+    assert time.monotonic() - started < 30
+    assert outages == 6
+    assert refused >= 3
+    assert status.failure_count == 0
+    # everything, once each, in order; a resend only ever repeats a transaction id
+    assert receiver.event_ids == [f"$e{n}" for n in range(submitted)]
+    bodies: dict[str, bytes] = {}
+    for request in receiver.ok:
+        assert bodies.setdefault(request.txn_id, request.body) == request.body
+    txn_ids = [int(r.txn_id) for r in receiver.accepted]
+    assert txn_ids == sorted(txn_ids)
+    seen = [e for r in receiver.accepted for e in json.loads(r.body)["events"]]
+    assert len(seen) == submitted
+    # Said plainly: no tracebacks, and the store's warning once per outage.
+    assert logged.tracebacks() == []
+    # (An outage that begins before every connection is back from the last is the same.)
+    warned = logged.count(LogLevel.warn, "lost the connection to PostgreSQL")
+    assert 1 <= warned <= outages
+    assert logged.count(LogLevel.info, "reconnected to PostgreSQL") == warned
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_listener_listens_again_after_an_outage(
+    postgres_url: str, reactor: Any, logged: Log
+) -> None:
+    store = open_store(postgres_url, reactor)
+    await store.open()
+    woken: list[None] = []
+    store.on_new_events(lambda: woken.append(None))
+    try:
+        _notify(postgres_url)
+        await until(reactor, lambda: len(woken) == 1, "a notification")
+        _terminate_backends(postgres_url, keep_out=True)
+        await task.deferLater(reactor, 0.3, lambda: None)
+        assert len(woken) == 1
+        _let_in(postgres_url)
+        # Back, it looks for events at once: notifications sent meanwhile were lost ...
+        await until(reactor, lambda: len(woken) == 2, "a wake-up on reconnecting")
+        # ... and listens again.
+        _notify(postgres_url)
+        await until(reactor, lambda: len(woken) == 3, "a notification after the outage")
+    finally:
+        _let_in(postgres_url)
+        await store.close()
+    assert logged.tracebacks() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_operation_left_unanswered_is_abandoned(postgres_url: str, reactor: Any) -> None:
+    store = PostgresStore(postgres_url, reactor, timeout=0.5)
+    await store.open()
+    blocker = psycopg2.connect(postgres_url)
+    try:
+        with blocker.cursor() as cursor:
+            cursor.execute("LOCK TABLE sorter_position IN ACCESS EXCLUSIVE MODE")
+        with pytest.raises(StoreUnavailableError, match=r"unavailable: no answer within 0\.5 s"):
+            await store.sorter_position()
+        blocker.rollback()
+        # Its connection was dropped and made again; the pool carries on.
+        await _answers(reactor, store)
+        assert await store.sorter_position() == 0
+    finally:
+        blocker.close()
+        await store.close()
