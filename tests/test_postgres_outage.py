@@ -9,6 +9,7 @@ import gc
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg2
@@ -22,6 +23,7 @@ from delivery.errors import StoreUnavailableError
 from delivery.store import PostgresStore, open_store
 from delivery.store._sql import EVENTS_CHANNEL
 
+from .daemon_harness import INGEST, start_daemon, write_config, write_registration
 from .harness import event, make_service, registration
 from .test_postgres import until
 
@@ -285,3 +287,31 @@ async def test_an_operation_left_unanswered_is_abandoned(postgres_url: str, reac
     finally:
         blocker.close()
         await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_daemon_answers_503_while_the_database_is_away(
+    tmp_path: Path, postgres_url: str, reactor: Any, receiver: Any
+) -> None:
+    config = write_config(
+        tmp_path, [write_registration(tmp_path, "a", receiver.url)], database=postgres_url
+    )
+    running = await start_daemon(config, reactor)
+    try:
+        await running.ingest([event(1)])
+        _terminate_backends(postgres_url, keep_out=True)
+        try:
+            status, body = await running.request(
+                "POST", "/v1/events", {"events": [event(2)]}, token=INGEST
+            )
+            assert (status, body["errcode"]) == (503, "M_UNAVAILABLE"), body
+            assert (await running.request("GET", "/health", token=None))[0] == 503
+        finally:
+            _let_in(postgres_url)
+        await _answers(reactor, running.daemon.delivery.store)
+        assert (await running.request("GET", "/health", token=None))[0] == 200
+        await running.ingest([event(2)])  # the producer retries what was refused
+        await receiver.wait_for_events(2)
+        assert receiver.event_ids == ["$e1", "$e2"]
+    finally:
+        await running.daemon.stopService()
