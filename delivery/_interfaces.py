@@ -10,6 +10,7 @@ from zope.interface import Interface
 
 from .events import Event, StoredEvent
 from .records import (
+    DeadLetter,
     QueuedEvent,
     ServiceRecord,
     ServiceSummary,
@@ -119,6 +120,39 @@ class IStore(IEventSource):
     def ping() -> Deferred[None]:
         """Fails if the database does not answer."""
 
+    def split_transaction(
+        service_id: str,
+        txn_id: int,
+        parts: Sequence[Sequence[tuple[str, bytes]]],
+        now: float,
+    ) -> Deferred[list[StoredTransaction]]:
+        """
+        Replace a stored transaction by several with new ids, in order; each part is a
+        list of ``(event_id, json)``. The new transactions.
+        """
+
+    def dead_letter(
+        service_id: str,
+        txn_id: int,
+        events: Sequence[tuple[str, bytes]],
+        status: int | None,
+        answer: str | None,
+        now: float,
+    ) -> Deferred[None]:
+        """Set a rejected transaction's events aside as dead letters and forget it."""
+
+    def dead_letters(service_id: str, after: int, limit: int) -> Deferred[list[DeadLetter]]:
+        """A service's dead letters with an id above ``after``, oldest first."""
+
+    def redrive(service_id: str, ids: Sequence[int] | None) -> Deferred[int]:
+        """Queue dead letters again (all, or those ids); how many."""
+
+    def discard(service_id: str, ids: Sequence[int] | None) -> Deferred[int]:
+        """Delete dead letters for good (all, or those ids); how many."""
+
+    def dead_letter_counts() -> Deferred[dict[str, int]]:
+        """How many dead letters each service has (services with none left out)."""
+
     def on_new_events(callback: Callable[[], None]) -> None:
         """
         Have ``callback`` called when any process ingests events into this database, where
@@ -173,3 +207,6 @@ class IDeliveryObserver(Interface):
 
     def events_routed(counts: Mapping[str, int]) -> None:
         """The sorter put this many events into each service's queue."""
+
+    def dead_lettered(service_id: str, count: int, status: int | None) -> None:
+        """``count`` events the service refused were set aside as dead letters."""

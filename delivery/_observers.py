@@ -46,3 +46,6 @@ class Observers:
 
     def events_routed(self, counts: Mapping[str, int]) -> None:
         self._tell("events_routed", counts)
+
+    def dead_lettered(self, service_id: str, count: int, status: int | None) -> None:
+        self._tell("dead_lettered", service_id, count, status)

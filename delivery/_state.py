@@ -7,10 +7,13 @@ The state of one application service, as an automat machine.
      ▲                ▲                                                        │
      │                └─────────────────────────failed─────────────────────────┤
      └──────────────────────────────caught_up──────────────────────────────────┘
+    UP, RECOVERING ──disable (HTTP 410)──▶ DISABLED ──enable (an operator)──▶ RECOVERING
 
 UP: the TransactionMaker cuts and sends as events arrive. DOWN: nothing is sent; the
 Recoverer waits (backoff, probes). RECOVERING: the Recoverer resends the stored
 transactions, oldest first, then full batches, then declares the service caught up.
+DISABLED: the receiver said it is gone; events keep queueing, nothing is sent, until an
+operator enables the service again.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class State(str, enum.Enum):
     UP = "up"
     DOWN = "down"
     RECOVERING = "recovering"
+    DISABLED = "disabled"
 
     def __str__(self) -> str:
         return self.value
@@ -48,6 +52,12 @@ class ServiceMachine(Protocol):
     def caught_up(self) -> None:
         """Recovery resent everything stored and drained the backlog."""
 
+    def disable(self, result: SendResult, txn: StoredTransaction) -> None:
+        """The receiver answered that the service is gone for good (HTTP 410)."""
+
+    def enable(self) -> None:
+        """An operator wants a disabled service sent to again."""
+
 
 @attrs.define
 class ServiceCore:
@@ -55,8 +65,9 @@ class ServiceCore:
 
     service_id: str
     enter_down: Callable[[State, SendResult, StoredTransaction | None], None]
-    enter_recovering: Callable[[], None]
+    enter_recovering: Callable[[State], None]
     enter_up: Callable[[], None]
+    enter_disabled: Callable[[State, SendResult, StoredTransaction], None]
     state: State = State.UP
 
 
@@ -64,6 +75,7 @@ _builder = TypeMachineBuilder(ServiceMachine, ServiceCore)
 _up = _builder.state("up")
 _down = _builder.state("down")
 _recovering = _builder.state("recovering")
+_disabled = _builder.state("disabled")
 
 
 @_up.upon(ServiceMachine.failed).to(_down)
@@ -81,7 +93,7 @@ def _fail(
 @_down.upon(ServiceMachine.retry).to(_recovering)
 def _retry(machine: ServiceMachine, core: ServiceCore) -> None:
     core.state = State.RECOVERING
-    core.enter_recovering()
+    core.enter_recovering(State.DOWN)
 
 
 @_recovering.upon(ServiceMachine.caught_up).to(_up)
@@ -90,12 +102,36 @@ def _caught_up(machine: ServiceMachine, core: ServiceCore) -> None:
     core.enter_up()
 
 
-# Asking an UP or RECOVERING service to retry changes nothing: it is sending already.
-_up.upon(ServiceMachine.retry).loop().returns(None)
-_recovering.upon(ServiceMachine.retry).loop().returns(None)
+@_up.upon(ServiceMachine.disable).to(_disabled)
+@_recovering.upon(ServiceMachine.disable).to(_disabled)
+def _disable(
+    machine: ServiceMachine, core: ServiceCore, result: SendResult, txn: StoredTransaction
+) -> None:
+    old, core.state = core.state, State.DISABLED
+    core.enter_disabled(old, result, txn)
+
+
+@_disabled.upon(ServiceMachine.enable).to(_recovering)
+def _enable(machine: ServiceMachine, core: ServiceCore) -> None:
+    core.state = State.RECOVERING
+    core.enter_recovering(State.DISABLED)
+
+
+# Asking an UP or RECOVERING service to retry changes nothing: it is sending already; nor
+# does a retry end a DISABLED service's pause (only enable does), and enabling a service
+# that is not disabled changes nothing.
+for _s in (_up, _recovering, _disabled):
+    _s.upon(ServiceMachine.retry).loop().returns(None)
+for _s in (_up, _down, _recovering):
+    _s.upon(ServiceMachine.enable).loop().returns(None)
 
 _Machine = _builder.build()
-_STATES = {State.UP: _up, State.DOWN: _down, State.RECOVERING: _recovering}
+_STATES = {
+    State.UP: _up,
+    State.DOWN: _down,
+    State.RECOVERING: _recovering,
+    State.DISABLED: _disabled,
+}
 
 
 def service_machine(core: ServiceCore) -> ServiceMachine:
@@ -136,3 +172,23 @@ class ServiceHandle:
     @property
     def state(self) -> State:
         return self.core.state
+
+    async def recorded(self) -> None:
+        """Wait until the writes recording the service's state are done, however they end."""
+        while self.persisting is not None:
+            pending = self.persisting
+            await _observe(pending)
+            if self.persisting is pending:
+                break
+
+
+async def _observe(d: Deferred[None]) -> None:
+    """Wait for ``d`` to fire, leaving its result to its own callbacks."""
+    waiter: Deferred[None] = Deferred()
+
+    def passthrough(result: object) -> object:
+        waiter.callback(None)
+        return result
+
+    d.addBoth(passthrough)
+    await waiter

@@ -28,7 +28,7 @@ from .errors import (
     UnknownServiceError,
 )
 from .metrics import Metrics
-from .records import StoredTransaction
+from .records import DeadLetter, StoredTransaction
 from .service import DeliveryService, ReloadResult, ServiceRegisteredError, ServiceStatus
 
 log = Logger()
@@ -154,6 +154,25 @@ class Api(resource.Resource):
                 self.list_transactions,
             ),
             _Route(b"DELETE", re.compile(rf"/v1/services/{segment}/queue"), "admin", self.purge),
+            _Route(b"POST", re.compile(rf"/v1/services/{segment}/enable"), "admin", self.enable),
+            _Route(
+                b"GET",
+                re.compile(rf"/v1/services/{segment}/dead-letters"),
+                "admin",
+                self.list_dead_letters,
+            ),
+            _Route(
+                b"POST",
+                re.compile(rf"/v1/services/{segment}/dead-letters/redrive"),
+                "admin",
+                self.redrive,
+            ),
+            _Route(
+                b"POST",
+                re.compile(rf"/v1/services/{segment}/dead-letters/discard"),
+                "admin",
+                self.discard,
+            ),
             _Route(b"POST", re.compile(r"/v1/reload"), "admin", self.reload),
             _Route(b"GET", re.compile(r"/health"), None, self.health),
             _Route(b"GET", re.compile(r"/metrics"), "metrics", self.render_metrics),
@@ -223,7 +242,7 @@ class Api(resource.Resource):
 
     # -- reading requests --
 
-    def _json_body(self, request: server.Request) -> Any:
+    def _raw_body(self, request: server.Request) -> bytes:
         if getattr(request, "too_large", False):
             raise ApiError(
                 413,
@@ -232,7 +251,10 @@ class Api(resource.Resource):
             )
         assert request.content is not None
         request.content.seek(0)
-        raw = request.content.read()
+        return request.content.read()  # type: ignore[no-any-return]
+
+    def _json_body(self, request: server.Request) -> Any:
+        raw = self._raw_body(request)
         try:
             return json.loads(raw, parse_constant=_no_constants)
         except (ValueError, RecursionError) as e:
@@ -326,6 +348,66 @@ class Api(resource.Resource):
             "deleted_transactions": result.stored_transactions,
         }
 
+    async def enable(self, request: server.Request, service_id: str) -> tuple[int, Any]:
+        try:
+            await self.delivery.enable(service_id)
+        except UnknownServiceError as e:
+            raise ApiError(404, "M_NOT_FOUND", str(e)) from None
+        return 200, {}
+
+    async def list_dead_letters(self, request: server.Request, service_id: str) -> tuple[int, Any]:
+        after = self._int_arg(request, "from", 0, 0, 2**62)
+        limit = self._int_arg(request, "limit", 100, 1, 1000)
+        try:
+            letters = await self.delivery.dead_letters(service_id, after, limit + 1)
+        except UnknownServiceError as e:
+            raise ApiError(404, "M_NOT_FOUND", str(e)) from None
+        page = letters[:limit]
+        return 200, {
+            "dead_letters": [dead_letter_json(d) for d in page],
+            "next_from": page[-1].id if len(letters) > limit else None,
+        }
+
+    def _ids(self, request: server.Request, require: bool) -> list[int] | None:
+        """The ``ids`` of a dead-letter request; None for all (which discard must say)."""
+        if not self._raw_body(request).strip() and not require:
+            return None
+        body = self._json_body(request)
+        if not isinstance(body, dict):
+            raise ApiError(400, "M_BAD_JSON", 'the body must be {"ids": [...]} or {"all": true}')
+        if body.get("all") is True and "ids" not in body:
+            return None
+        ids = body.get("ids")
+        if not isinstance(ids, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in ids
+        ):
+            raise ApiError(
+                400, "M_BAD_JSON", 'give the dead letters as {"ids": [1, 2]}, or {"all": true}'
+            )
+        return ids
+
+    async def _require(self, service_id: str) -> None:
+        if not await self.delivery.knows(service_id):
+            raise ApiError(404, "M_NOT_FOUND", str(UnknownServiceError(service_id)))
+
+    async def redrive(self, request: server.Request, service_id: str) -> tuple[int, Any]:
+        await self._require(service_id)
+        ids = self._ids(request, require=False)
+        try:
+            count = await self.delivery.redrive(service_id, ids)
+        except UnknownServiceError as e:
+            raise ApiError(404, "M_NOT_FOUND", str(e)) from None
+        return 200, {"redriven": count}
+
+    async def discard(self, request: server.Request, service_id: str) -> tuple[int, Any]:
+        await self._require(service_id)
+        ids = self._ids(request, require=True)
+        try:
+            count = await self.delivery.discard(service_id, ids)
+        except UnknownServiceError as e:
+            raise ApiError(404, "M_NOT_FOUND", str(e)) from None
+        return 200, {"discarded": count}
+
     async def reload(self, request: server.Request) -> tuple[int, Any]:
         if self._reload is None:
             raise ApiError(404, "M_UNRECOGNIZED", "this server has no configuration to reload")
@@ -386,4 +468,17 @@ def transaction_json(txn: StoredTransaction) -> dict[str, Any]:
         "first_attempt": txn.first_attempt_ts,
         "last_attempt": txn.last_attempt_ts,
         "last_error": txn.last_error,
+    }
+
+
+def dead_letter_json(letter: DeadLetter) -> dict[str, Any]:
+    return {
+        "id": letter.id,
+        "stream_id": letter.stream_id,
+        "event_id": letter.event_id,
+        "event": json.loads(letter.json),
+        "txn_id": letter.txn_id,
+        "status": letter.status,
+        "answer": letter.answer,
+        "created": letter.created_ts,
     }

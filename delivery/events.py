@@ -114,6 +114,17 @@ def _json_problem(event: Mapping[str, object]) -> str | None:
     return None
 
 
+def split_body(body: bytes) -> list[tuple[str, bytes]]:
+    """
+    The events of a transaction body, as ``(event_id, json)``: the same bytes they were
+    spliced from, since the encoding is deterministic.
+    """
+    return [
+        (event["event_id"], _encoder.encode(event).encode("utf-8"))
+        for event in json.loads(body)["events"]
+    ]
+
+
 def transaction_body(events: Sequence[bytes]) -> bytes:
     """The body of a Matrix transaction, spliced from already-encoded events."""
     return b'{"events":[' + b",".join(events) + b"]}"

@@ -110,6 +110,18 @@ class Metrics:
             ["service"],
             registry=r,
         )
+        self.dead_lettered_total = Counter(
+            "delivery_dead_letters_set_aside",
+            "Events a service refused on their own, set aside as dead letters.",
+            ["service", "status"],
+            registry=r,
+        )
+        self.dead_letters = Gauge(
+            "delivery_dead_letters",
+            "Dead letters waiting for an operator.",
+            ["service"],
+            registry=r,
+        )
         self.lag_events = Gauge(
             "delivery_sorter_lag_events", "Events ingested and not yet routed.", registry=r
         )
@@ -137,6 +149,9 @@ class Metrics:
     def probe_done(self, service_id: str, result: SendResult) -> None:
         self.probes.labels(service_id, outcome(result)).inc()
 
+    def dead_lettered(self, service_id: str, count: int, status: int | None) -> None:
+        self.dead_lettered_total.labels(service_id, str(status)).inc(count)
+
     def events_ingested(self, count: int) -> None:
         self.ingested.inc(count)
 
@@ -160,7 +175,10 @@ class Metrics:
             oldest = summary.oldest_pending_ts
             self.oldest.labels(service_id).set(0 if oldest is None else max(0.0, now - oldest))
             self._set_state(service_id, service.state_of(service_id))
-        for gauge in (self.queued, self.stored, self.oldest):
+        dead = await service.store.dead_letter_counts()
+        for service_id in summaries:
+            self.dead_letters.labels(service_id).set(dead.get(service_id, 0))
+        for gauge in (self.queued, self.stored, self.oldest, self.dead_letters):
             for labels in _label_sets(gauge):
                 if labels[0] not in summaries:  # purged
                     gauge.remove(*labels)

@@ -31,6 +31,8 @@ class _Window:
     backlog: bool = True
     #: events were routed while a refill was reading
     touched: bool = False
+    #: older events were queued again: read the queue from its start
+    rewind: bool = False
 
 
 class EventPool:
@@ -91,6 +93,8 @@ class EventPool:
         full, by count or by size.
         """
         window = self._window(service_id)
+        if window.rewind:
+            window = self._windows[service_id] = _Window()
         if len(window.events) < max_events and window.backlog:
             await self._refill(service_id, window)
         taken: list[QueuedEvent] = []
@@ -125,6 +129,14 @@ class EventPool:
             window.backlog = window.touched = True
         for service_id in list(self._windows):
             self.on_ready(service_id)
+
+    def rewind(self, service_id: str) -> None:
+        """
+        Events older than the window's were queued again (a redrive): the next batch reads
+        the queue from its start. Safe while the service's loop runs: it takes effect when
+        the loop next asks for a batch.
+        """
+        self._window(service_id).rewind = True
 
     def reset(self, service_id: str) -> None:
         """Forget what is in memory; the next batch reads the queue afresh."""

@@ -59,3 +59,18 @@ class ServiceSummary:
     queued_events: int
     stored_transactions: int
     oldest_pending_ts: float | None
+
+
+@attrs.frozen
+class DeadLetter:
+    """An event a service rejected (HTTP 400, 413 or 422 on its own), set aside."""
+
+    id: int
+    service_id: str
+    stream_id: int
+    event_id: str
+    json: bytes = attrs.field(repr=lambda b: f"<{len(b)} bytes>")
+    txn_id: int
+    status: int | None
+    answer: str | None
+    created_ts: float

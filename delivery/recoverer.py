@@ -133,12 +133,12 @@ class Recoverer:
         # Observers last: they may run arbitrary code that expects the new state complete.
         self._observers.state_changed(handle.id, str(old), str(State.DOWN), result.error)
 
-    def enter_recovering(self, handle: ServiceHandle) -> None:
+    def enter_recovering(self, handle: ServiceHandle, old: State) -> None:
         self._cancel_timers(handle)
         handle.next_retry_ts = None
         log.info("{service} is RECOVERING: resending stored transactions", service=handle.id)
         self._persist(handle, State.RECOVERING)
-        self._observers.state_changed(handle.id, str(State.DOWN), str(State.RECOVERING), None)
+        self._observers.state_changed(handle.id, str(old), str(State.RECOVERING), None)
 
     def enter_up(self, handle: ServiceHandle) -> None:
         failures, handle.failure_count = handle.failure_count, 0
@@ -151,10 +151,39 @@ class Recoverer:
         self._persist(handle, State.UP)
         self._observers.state_changed(handle.id, str(State.RECOVERING), str(State.UP), None)
 
+    def enter_disabled(
+        self, handle: ServiceHandle, old: State, result: SendResult, txn: StoredTransaction
+    ) -> None:
+        handle.last_error = result.error
+        log.warn(
+            "{service} is DISABLED (was {old}): {error}; events keep queueing and nothing is"
+            " sent until an operator enables it (POST /v1/services/{service}/enable)",
+            service=handle.id,
+            old=str(old),
+            error=result.error,
+        )
+        self._persist(handle, State.DISABLED)
+        now = self._clock.seconds()
+        self._background(
+            handle,
+            lambda: self._store.record_failure(
+                handle.id, txn.txn_id, now, result.error or "gone", handle.failure_count, None
+            ),
+        )
+        self._observers.state_changed(handle.id, str(old), str(State.DISABLED), result.error)
+
+    def enable(self, handle: ServiceHandle) -> None:
+        """Send to a DISABLED service again: what it has stored goes first."""
+        if handle.state is State.DISABLED:
+            log.info("{service}: enabled by an operator", service=handle.id)
+            handle.machine.enable()
+            self._maker.kick(handle)
+
     # -- what recovery sends --
 
     async def next_transaction(self, handle: ServiceHandle) -> StoredTransaction | None:
         """The oldest stored transaction, else a full batch cut from the queue, else None."""
+        await handle.recorded()  # its attempts, as the last failure recorded them
         txn = await self._store.oldest_transaction(handle.id)
         if txn is None:
             txn = await self._maker.cut(handle, full_only=True)

@@ -85,6 +85,30 @@ def _protocol(instance: object, attribute: attrs.Attribute[Any], value: str) -> 
         raise ValueError(f"{attribute.name} must be one of {', '.join(PROTOCOLS)}, not {value!r}")
 
 
+ACTIONS = ("retry", "split", "reject", "disable")
+
+#: what a failed answer calls for, by status; any other failure is ``retry``
+DEFAULT_ACTIONS = {400: "reject", 410: "disable", 413: "split", 422: "reject"}
+
+
+def _actions(value: object) -> tuple[tuple[int, str], ...]:
+    if isinstance(value, tuple):
+        return value
+    if not isinstance(value, Mapping):
+        raise ValueError(f"actions must map HTTP statuses to actions, not {value!r}")
+    result = []
+    for status, action in value.items():
+        code = int(status) if isinstance(status, str) and status.isdigit() else status
+        if isinstance(code, bool) or not isinstance(code, int) or not 400 <= code <= 599:
+            raise ValueError(f"actions must map HTTP statuses (400 to 599), not {status!r}")
+        if action not in ACTIONS:
+            raise ValueError(
+                f"actions must map {code} to one of {', '.join(ACTIONS)}, not {action!r}"
+            )
+        result.append((code, action))
+    return tuple(sorted(result))
+
+
 @attrs.frozen
 class DeliveryOptions:
     """Per-registration delivery options (the optional ``delivery:`` key)."""
@@ -109,6 +133,26 @@ class DeliveryOptions:
     request_timeout: float = attrs.field(default=30.0, validator=_seconds)
     #: wire protocol; only ``matrix`` so far
     protocol: str = attrs.field(default="matrix", validator=_protocol)
+    #: what to do on an HTTP status, over the defaults (:data:`DEFAULT_ACTIONS`):
+    #: ``retry`` (DOWN, back off), ``split`` (halve the transaction), ``reject`` (after
+    #: ``reject_attempts``, isolate the events refused and dead-letter them), ``disable``
+    #: (stop sending until an operator enables the service)
+    actions: tuple[tuple[int, str], ...] = attrs.field(default=(), converter=_actions)
+    #: attempts a rejected transaction (``reject``) gets before it is bisected
+    reject_attempts: int = attrs.field(default=3, validator=_count(100))
+    #: pending longer than this (seconds) raises an alert: a metric and a log line
+    max_pending_age: float | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_seconds)
+    )
+
+    def action_for(self, status: int | None) -> str:
+        """What a failed answer calls for: ``retry`` unless its status says otherwise."""
+        if status is None:
+            return "retry"
+        for code, action in self.actions:
+            if code == status:
+                return action
+        return DEFAULT_ACTIONS.get(status, "retry")
 
     def __attrs_post_init__(self) -> None:
         if self.max_delay < self.initial_delay:

@@ -24,7 +24,7 @@ from .events import DEFAULT_MAX_EVENT_BYTES, prepare
 from .interest import InterestIndex
 from .matrix import ConnectionPool, MatrixSender
 from .pool import DEFAULT_WINDOW, EventPool
-from .records import ServiceRecord, StoredTransaction
+from .records import DeadLetter, ServiceRecord, StoredTransaction
 from .recoverer import Recoverer
 from .registration import Registration
 from .sorter import AliasLookup, EventSorter
@@ -234,6 +234,11 @@ class DeliveryService(Service):
             if registration.url is None and registration.id not in self._senders:
                 continue
             record, stored = starts[registration.id]
+            if record.state == str(State.DISABLED):
+                # The receiver said it is gone: only an operator sends to it again.
+                handle = self._handle(registration, State.DISABLED)
+                handle.last_error = record.last_error
+                continue
             handle = self._handle(registration, State.DOWN if stored else State.UP)
             handle.failure_count = record.failure_count
             handle.last_error = record.last_error
@@ -257,8 +262,11 @@ class DeliveryService(Service):
         core = ServiceCore(
             registration.id,
             enter_down=lambda old, result, txn: recoverer.enter_down(holder[0], old, result, txn),
-            enter_recovering=lambda: recoverer.enter_recovering(holder[0]),
+            enter_recovering=lambda old: recoverer.enter_recovering(holder[0], old),
             enter_up=lambda: recoverer.enter_up(holder[0]),
+            enter_disabled=lambda old, result, txn: recoverer.enter_disabled(
+                holder[0], old, result, txn
+            ),
             state=state,
         )
         handle = ServiceHandle(registration, sender, core, service_machine(core))
@@ -283,7 +291,7 @@ class DeliveryService(Service):
         await self._sorter.stop()
         await self._maker.stop(handles)
         for handle in handles:  # the state writes queued, before the store closes
-            await _recorded(handle)
+            await handle.recorded()
         await self._connections.close()
         await self.store.close()
 
@@ -462,6 +470,14 @@ class DeliveryService(Service):
         await self._known(service_id)
         return await self.store.transactions(service_id, after, limit)
 
+    def knows(self, service_id: str) -> Deferred[bool]:
+        """Whether the service is registered, or orphaned with data still stored."""
+        return Deferred.fromCoroutine(self._knows(service_id))
+
+    async def _knows(self, service_id: str) -> bool:
+        await self._started()
+        return service_id in self.registrations or service_id in await self.store.services()
+
     async def _known(self, service_id: str) -> None:
         """Raise if the service is unknown; else wait until what it recorded is written."""
         await self._started()
@@ -469,7 +485,7 @@ class DeliveryService(Service):
             raise UnknownServiceError(service_id)
         handle = self._handles.get(service_id)
         if handle is not None:
-            await _recorded(handle)
+            await handle.recorded()
 
     def state_of(self, service_id: str) -> str:
         """The state of a service as known in memory: ``orphaned`` if not registered."""
@@ -478,27 +494,54 @@ class DeliveryService(Service):
             return str(handle.state)
         return str(State.UP) if service_id in self.registrations else ORPHANED
 
+    def enable(self, service_id: str) -> Deferred[None]:
+        """Send to a service disabled by its receiver (HTTP 410) again."""
+        return Deferred.fromCoroutine(self._enable(service_id))
+
+    async def _enable(self, service_id: str) -> None:
+        await self._started()
+        if service_id not in self.registrations:
+            raise UnknownServiceError(service_id)
+        handle = self._handles.get(service_id)
+        if handle is not None:
+            self._recoverer.enable(handle)
+
+    def dead_letters(
+        self, service_id: str, after: int = 0, limit: int = 100
+    ) -> Deferred[list[DeadLetter]]:
+        """Events the service refused on their own, set aside, oldest first."""
+        return Deferred.fromCoroutine(self._dead_letters(service_id, after, limit))
+
+    async def _dead_letters(self, service_id: str, after: int, limit: int) -> list[DeadLetter]:
+        await self._known(service_id)
+        return await self.store.dead_letters(service_id, after, limit)
+
+    def redrive(self, service_id: str, ids: Sequence[int] | None = None) -> Deferred[int]:
+        """
+        Send dead letters (all, or those with these ids) again: they go back in the queue
+        and are delivered in their original order, before newer events. How many.
+        """
+        return Deferred.fromCoroutine(self._redrive(service_id, ids))
+
+    async def _redrive(self, service_id: str, ids: Sequence[int] | None) -> int:
+        await self._known(service_id)
+        count = await self.store.redrive(service_id, ids)
+        if count:
+            log.info("{service}: {count} dead letter(s) redriven", service=service_id, count=count)
+            self._pool.rewind(service_id)
+            self._ready(service_id)
+        return count
+
+    def discard(self, service_id: str, ids: Sequence[int] | None = None) -> Deferred[int]:
+        """Delete dead letters (all, or those with these ids) for good. How many."""
+        return Deferred.fromCoroutine(self._discard(service_id, ids))
+
+    async def _discard(self, service_id: str, ids: Sequence[int] | None) -> int:
+        await self._known(service_id)
+        count = await self.store.discard(service_id, ids)
+        log.info("{service}: {count} dead letter(s) discarded", service=service_id, count=count)
+        return count
+
     def observe(self, observer: IDeliveryObserver) -> None:
         """Have ``observer`` told of state changes and transactions as they happen."""
         self._observers.add(observer)
-
-
-async def _recorded(handle: ServiceHandle) -> None:
-    """Wait until the writes recording the service's state are done, however they end."""
-    while handle.persisting is not None:
-        pending = handle.persisting
-        await _observe(pending)
-        if handle.persisting is pending:
-            break
-
-
-async def _observe(d: Deferred[None]) -> None:
-    """Wait for ``d`` to fire, leaving its result to its own callbacks."""
-    waiter: Deferred[None] = Deferred()
-
-    def passthrough(result: object) -> object:
-        waiter.callback(None)
-        return result
-
-    d.addBoth(passthrough)
-    await waiter

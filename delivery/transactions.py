@@ -21,7 +21,7 @@ from ._log import Logger
 from ._observers import Observers
 from ._state import ServiceHandle, State
 from .errors import StoreUnavailableError
-from .events import transaction_body
+from .events import split_body, transaction_body
 from .pool import EventPool
 from .records import StoredTransaction
 
@@ -51,7 +51,7 @@ class TransactionMaker:
         handle.wanted = True
         if handle.retired or self._stopped:
             return
-        if handle.loop is None and handle.state is not State.DOWN:
+        if handle.loop is None and handle.state in (State.UP, State.RECOVERING):
             loop = Deferred.fromCoroutine(self._run(handle))
             if not loop.called:  # a loop that found nothing to do may end before it returns
                 handle.loop = loop
@@ -132,10 +132,15 @@ class TransactionMaker:
             received_ts=tuple(e.received_ts for e in events),
         )
 
-    async def deliver(self, handle: ServiceHandle, txn: StoredTransaction) -> bool:
+    async def deliver(
+        self, handle: ServiceHandle, txn: StoredTransaction, bisecting: bool = False
+    ) -> bool:
         """
-        Send a stored transaction. On a 2xx forget it and return True; otherwise mark the
-        service DOWN (the Recoverer takes over) and return False.
+        Send a stored transaction. On a 2xx forget it and return True. Otherwise do what
+        the answer calls for (:meth:`DeliveryOptions.action_for`): halve a transaction too
+        large (413) and send the halves; bisect one whose content is rejected (400, 422)
+        to set the events refused aside as dead letters, and send the rest; for anything
+        else mark the service DOWN (or DISABLED, for 410) and return False.
         """
         if self._stopped or handle.retired:
             return False
@@ -150,9 +155,48 @@ class TransactionMaker:
             await self._store.complete_transaction(handle.id, txn.txn_id, self._clock.seconds())
             self._observers.transaction_done(handle.id, txn, result)
             return True
-        handle.machine.failed(result, txn)
+        options = handle.registration.options
+        action = options.action_for(result.status)
+        if action == "reject" and not bisecting and txn.attempts + 1 < options.reject_attempts:
+            action = "retry"  # the receiver may be wrong for a while: give it a few tries
         self._observers.transaction_done(handle.id, txn, result)
+        if action in ("split", "reject"):
+            return await self._divide(handle, txn, result, bisecting=action == "reject")
+        if action == "disable":
+            handle.machine.disable(result, txn)
+        else:
+            handle.machine.failed(result, txn)
         return False
+
+    async def _divide(
+        self, handle: ServiceHandle, txn: StoredTransaction, result: SendResult, bisecting: bool
+    ) -> bool:
+        """
+        Replace a refused transaction by its two halves (new ids, order kept) and send them;
+        a single event refused on its own becomes a dead letter.
+        """
+        events = split_body(txn.body)
+        now = self._clock.seconds()
+        if len(events) == 1:
+            answer = (result.error or "")[:2000]
+            await self._store.dead_letter(handle.id, txn.txn_id, events, result.status, answer, now)
+            log.warn(
+                "{service} refused event {event_id} on its own ({error}): set aside as a"
+                " dead letter",
+                service=handle.id,
+                event_id=events[0][0],
+                error=result.error,
+            )
+            self._observers.dead_lettered(handle.id, 1, result.status)
+            return True
+        half = len(events) // 2
+        parts = await self._store.split_transaction(
+            handle.id, txn.txn_id, [events[:half], events[half:]], now
+        )
+        for part in parts:
+            if not await self.deliver(handle, part, bisecting):
+                return False
+        return True
 
     async def stop(self, handles: list[ServiceHandle]) -> None:
         """Stop every loop; a request in flight is abandoned (its transaction stays stored)."""

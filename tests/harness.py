@@ -63,6 +63,7 @@ class Recorder:
         self.results: list[tuple[str, StoredTransaction, SendResult]] = []
         self.probes: list[tuple[str, SendResult]] = []
         self.ingested = 0
+        self.dead_letters: list[tuple[str, int, int | None]] = []
         self.routed: dict[str, int] = {}
         self._conditions = Conditions()
 
@@ -76,6 +77,10 @@ class Recorder:
 
     def probe_done(self, service_id: str, result: SendResult) -> None:
         self.probes.append((service_id, result))
+        self._check()
+
+    def dead_lettered(self, service_id: str, count: int, status: int | None) -> None:
+        self.dead_letters.append((service_id, count, status))
         self._check()
 
     def events_ingested(self, count: int) -> None:

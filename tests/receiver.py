@@ -55,6 +55,8 @@ class Receiver(resource.Resource):
         self.pings: list[Received] = []
         self.default = Answer()
         self.script: list[Answer] = []
+        #: answers for the transactions a rule picks, before the script and the default
+        self.rules: list[tuple[Callable[[Received], bool], Answer]] = []
         self.hanging: list[server.Request] = []
         self.held: list[Received] = []
         #: transaction requests answered 2xx, in order, resends included
@@ -71,6 +73,10 @@ class Receiver(resource.Resource):
     def answer(self, status: int = 200, **kwargs: Any) -> None:
         """Answer every request from now on like this."""
         self.default = Answer(status, **kwargs)
+
+    def refuse(self, event_id: str, status: int = 400, **kwargs: Any) -> None:
+        """Answer ``status`` to every transaction that holds this event."""
+        self.rules.append((lambda r: event_id in r.event_ids, Answer(status, **kwargs)))
 
     def then(self, status: int = 200, **kwargs: Any) -> None:
         """Answer the next request (after those scripted already) like this."""
@@ -121,7 +127,12 @@ class Receiver(resource.Resource):
         else:
             request.setResponseCode(404)
             return b'{"errcode":"M_UNRECOGNIZED"}'
-        answer = self.script.pop(0) if self.script else self.default
+        answer = next(
+            (a for rule, a in self.rules if received in self.requests and rule(received)),
+            None,
+        )
+        if answer is None:
+            answer = self.script.pop(0) if self.script else self.default
         if headers.get("authorization") != [f"Bearer {self.hs_token}"]:
             answer = Answer(403, b'{"errcode":"M_FORBIDDEN"}')
         if answer.hang_in_body:

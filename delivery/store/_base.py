@@ -8,7 +8,13 @@ from typing import Any, TypeVar
 from twisted.internet.defer import Deferred
 
 from ..events import Event, StoredEvent
-from ..records import QueuedEvent, ServiceRecord, ServiceSummary, StoredTransaction
+from ..records import (
+    DeadLetter,
+    QueuedEvent,
+    ServiceRecord,
+    ServiceSummary,
+    StoredTransaction,
+)
 from . import _sql
 from ._schema import Dialect
 
@@ -122,3 +128,35 @@ class GeneratorStore:
             failure_count,
             next_retry_ts,
         )
+
+    def split_transaction(
+        self,
+        service_id: str,
+        txn_id: int,
+        parts: Sequence[Sequence[tuple[str, bytes]]],
+        now: float,
+    ) -> Deferred[list[StoredTransaction]]:
+        return self._run(_sql.split_transaction, service_id, txn_id, parts, now)
+
+    def dead_letter(
+        self,
+        service_id: str,
+        txn_id: int,
+        events: Sequence[tuple[str, bytes]],
+        status: int | None,
+        answer: str | None,
+        now: float,
+    ) -> Deferred[None]:
+        return self._run(_sql.dead_letter, service_id, txn_id, events, status, answer, now)
+
+    def dead_letters(self, service_id: str, after: int, limit: int) -> Deferred[list[DeadLetter]]:
+        return self._run(_sql.dead_letters, service_id, after, limit)
+
+    def redrive(self, service_id: str, ids: Sequence[int] | None) -> Deferred[int]:
+        return self._run(_sql.redrive, service_id, ids)
+
+    def discard(self, service_id: str, ids: Sequence[int] | None) -> Deferred[int]:
+        return self._run(_sql.discard, service_id, ids)
+
+    def dead_letter_counts(self) -> Deferred[dict[str, int]]:
+        return self._run(_sql.dead_letter_counts)

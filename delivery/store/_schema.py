@@ -97,6 +97,23 @@ _MIGRATIONS: list[list[str]] = [
         )
         """,
     ],
+    # 2: events a receiver rejected, kept for an operator to redrive or discard
+    [
+        """
+        CREATE TABLE dead_letters (
+            id {serial_key},
+            service_id TEXT NOT NULL,
+            stream_id {bigint} NOT NULL,
+            event_id TEXT NOT NULL,
+            json {blob} NOT NULL,
+            txn_id {bigint} NOT NULL,
+            status INTEGER,
+            answer TEXT,
+            created_ts {real} NOT NULL
+        )
+        """,
+        "CREATE INDEX dead_letters_by_service ON dead_letters (service_id, stream_id)",
+    ],
 ]
 
 #: the version a fully migrated database has

@@ -14,9 +14,15 @@ from typing import Any, Literal, TypeVar
 
 import attrs
 
-from ..events import Event, StoredEvent
+from ..events import Event, StoredEvent, transaction_body
 from ..interest import RoutingFields
-from ..records import QueuedEvent, ServiceRecord, ServiceSummary, StoredTransaction
+from ..records import (
+    DeadLetter,
+    QueuedEvent,
+    ServiceRecord,
+    ServiceSummary,
+    StoredTransaction,
+)
 from ._schema import SCHEMA_VERSION, Dialect, migrations
 
 T = TypeVar("T")
@@ -118,15 +124,7 @@ def insert_events(events: Sequence[Event], now: float) -> Steps[list[int]]:
         ],
         conflict="ON CONFLICT (event_id) DO NOTHING",
     )
-    ids: dict[str, int] = {}
-    unique = list(dict.fromkeys(e.event_id for e in events))
-    for start in range(0, len(unique), 500):
-        chunk = unique[start : start + 500]
-        marks = ",".join("?" * len(chunk))
-        rows = yield Query(
-            f"SELECT event_id, stream_id FROM events WHERE event_id IN ({marks})", chunk
-        )
-        ids.update(rows)
+    ids = yield from _stream_ids(list(dict.fromkeys(e.event_id for e in events)))
     yield Notify(EVENTS_CHANNEL)
     return [ids[e.event_id] for e in events]
 
@@ -375,3 +373,145 @@ def record_failure(
         (error, failure_count, next_retry_ts, service_id),
         fetch="count",
     )
+
+
+# -- rejected transactions: splitting them, and dead letters --
+
+
+def _stream_ids(event_ids: Sequence[str]) -> Steps[dict[str, int]]:
+    """The stream positions of events, by id."""
+    found: dict[str, int] = {}
+    for start in range(0, len(event_ids), 500):
+        chunk = list(event_ids[start : start + 500])
+        marks = ",".join("?" * len(chunk))
+        rows = yield Query(
+            f"SELECT event_id, stream_id FROM events WHERE event_id IN ({marks})", chunk
+        )
+        found.update(rows)
+    return found
+
+
+def split_transaction(
+    service_id: str, txn_id: int, parts: Sequence[Sequence[tuple[str, bytes]]], now: float
+) -> Steps[list[StoredTransaction]]:
+    """
+    Replace a stored transaction by several, in order, with new ids: each part is a list
+    of ``(event_id, json)``.
+    """
+    positions = yield from _stream_ids([e for part in parts for e, _ in part])
+    yield Query(
+        "DELETE FROM transactions WHERE service_id = ? AND txn_id = ?",
+        (service_id, txn_id),
+        fetch="count",
+    )
+    made = []
+    for part in parts:
+        row = yield Query(
+            "UPDATE services SET last_txn_id = last_txn_id + 1 WHERE service_id = ?"
+            " RETURNING last_txn_id",
+            (service_id,),
+            fetch="one",
+        )
+        ids = [positions[e] for e, _ in part]
+        txn = StoredTransaction(
+            service_id,
+            int(row[0]),
+            transaction_body([j for _, j in part]),
+            len(part),
+            min(ids),
+            max(ids),
+            now,
+        )
+        yield Query(
+            "INSERT INTO transactions (service_id, txn_id, body, event_count,"
+            " first_stream_id, last_stream_id, created_ts) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                service_id,
+                txn.txn_id,
+                txn.body,
+                txn.event_count,
+                txn.first_stream_id,
+                txn.last_stream_id,
+                now,
+            ),
+            fetch="count",
+        )
+        made.append(txn)
+    return made
+
+
+def dead_letter(
+    service_id: str,
+    txn_id: int,
+    events: Sequence[tuple[str, bytes]],
+    status: int | None,
+    answer: str | None,
+    now: float,
+) -> Steps[None]:
+    """Set a rejected transaction's events aside as dead letters, and forget it."""
+    positions = yield from _stream_ids([e for e, _ in events])
+    yield Insert(
+        "dead_letters",
+        ("service_id", "stream_id", "event_id", "json", "txn_id", "status", "answer", "created_ts"),
+        ("text", "bigint", "text", "bytea", "bigint", "integer", "text", "float8"),
+        [(service_id, positions[e], e, j, txn_id, status, answer, now) for e, j in events],
+    )
+    yield Query(
+        "DELETE FROM transactions WHERE service_id = ? AND txn_id = ?",
+        (service_id, txn_id),
+        fetch="count",
+    )
+
+
+def dead_letters(service_id: str, after: int, limit: int) -> Steps[list[DeadLetter]]:
+    rows = yield Query(
+        "SELECT id, service_id, stream_id, event_id, json, txn_id, status, answer, created_ts"
+        " FROM dead_letters WHERE service_id = ? AND id > ? ORDER BY id LIMIT ?",
+        (service_id, after, limit),
+    )
+    return [DeadLetter(r[0], r[1], r[2], r[3], bytes(r[4]), *r[5:]) for r in rows]
+
+
+def _chosen(ids: Sequence[int] | None) -> tuple[str, list[int]]:
+    if ids is None:
+        return "", []
+    return f" AND id IN ({','.join('?' * len(ids))})", list(ids)
+
+
+def redrive(service_id: str, ids: Sequence[int] | None) -> Steps[int]:
+    """Put dead letters (all, or those with these ids) back in the queue; how many."""
+    where, params = _chosen(ids)
+    rows = yield Query(
+        f"SELECT id, stream_id FROM dead_letters WHERE service_id = ?{where}",
+        [service_id, *params],
+    )
+    if rows:
+        yield Insert(
+            "service_queue",
+            ("service_id", "stream_id"),
+            ("text", "bigint"),
+            [(service_id, stream_id) for _, stream_id in rows],
+            conflict="ON CONFLICT DO NOTHING",
+        )
+        yield Query(
+            f"DELETE FROM dead_letters WHERE service_id = ?{where}",
+            [service_id, *params],
+            fetch="count",
+        )
+    return len(rows)
+
+
+def discard(service_id: str, ids: Sequence[int] | None) -> Steps[int]:
+    """Delete dead letters (all, or those with these ids) for good; how many."""
+    where, params = _chosen(ids)
+    count = yield Query(
+        f"DELETE FROM dead_letters WHERE service_id = ?{where}",
+        [service_id, *params],
+        fetch="count",
+    )
+    return int(count)
+
+
+def dead_letter_counts() -> Steps[dict[str, int]]:
+    rows = yield Query("SELECT service_id, COUNT(*) FROM dead_letters GROUP BY service_id")
+    return {service_id: int(count) for service_id, count in rows}
