@@ -122,6 +122,12 @@ class Metrics:
             ["service"],
             registry=r,
         )
+        self.too_old = Gauge(
+            "delivery_pending_age_exceeded",
+            "1 while a service's oldest pending event is older than its max_pending_age.",
+            ["service"],
+            registry=r,
+        )
         self.lag_events = Gauge(
             "delivery_sorter_lag_events", "Events ingested and not yet routed.", registry=r
         )
@@ -175,6 +181,10 @@ class Metrics:
             oldest = summary.oldest_pending_ts
             self.oldest.labels(service_id).set(0 if oldest is None else max(0.0, now - oldest))
             self._set_state(service_id, service.state_of(service_id))
+        too_old = await service.pending_too_long()
+        for registration in service.registrations.values():
+            if registration.options.max_pending_age is not None:
+                self.too_old.labels(registration.id).set(1 if registration.id in too_old else 0)
         dead = await service.store.dead_letter_counts()
         for service_id in summaries:
             self.dead_letters.labels(service_id).set(dead.get(service_id, 0))

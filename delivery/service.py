@@ -12,7 +12,7 @@ from typing import Any
 import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 from ._interfaces import IDeliveryObserver, IEventSource, ISender, IStore
@@ -57,6 +57,9 @@ class ServiceStatus:
     #: the highest transaction id given out so far
     last_txn_id: int
 
+
+#: seconds between checks of pending ages against ``max_pending_age``
+AGE_CHECK_INTERVAL = 60.0
 
 #: the state reported for a service that is no longer registered but has data stored
 ORPHANED = "orphaned"
@@ -166,6 +169,9 @@ class DeliveryService(Service):
             observers=self._observers,
         )
         self._handles: dict[str, ServiceHandle] = {}
+        self._age_check: IDelayedCall | None = None
+        #: services whose oldest pending event is older than their max_pending_age
+        self._too_old: set[str] = set()
         #: handles of removed services, whose loops may still be ending
         self._retired: list[ServiceHandle] = []
         self._starting: Deferred[None] | None = None
@@ -210,6 +216,54 @@ class DeliveryService(Service):
         await self._sorter.start()
         if not self._external_source:
             self.store.on_new_events(self._sorter.wake)
+        self._age_check = self.clock.callLater(AGE_CHECK_INTERVAL, self._check_ages)
+
+    def _check_ages(self) -> None:
+        d = Deferred.fromCoroutine(self.pending_too_long())
+        d.addErrback(lambda f: log.warn("checking pending ages failed: {e}", e=f.getErrorMessage()))
+        d.addBoth(lambda _: self._next_age_check())
+
+    def _next_age_check(self) -> None:
+        if self.running:
+            self._age_check = self.clock.callLater(AGE_CHECK_INTERVAL, self._check_ages)
+
+    async def pending_too_long(self) -> dict[str, float]:
+        """
+        The services whose oldest pending event is older than their ``max_pending_age``,
+        with that age. Logs a warning when a service crosses the limit and a line when it
+        is back under: nothing is ever dropped for it.
+        """
+        now = self.clock.seconds()
+        limits = {
+            r.id: r.options.max_pending_age
+            for r in self.registrations.values()
+            if r.options.max_pending_age is not None
+        }
+        if not limits:
+            return {}
+        summaries = await self.store.summaries()
+        over = {}
+        for service_id, limit in limits.items():
+            oldest = summaries.get(service_id)
+            ts = oldest.oldest_pending_ts if oldest else None
+            age = now - ts if ts is not None else 0.0
+            if age > limit:
+                over[service_id] = age
+                if service_id not in self._too_old:
+                    log.warn(
+                        "{service}: an event has been pending {age:.0f} s, longer than its"
+                        " max_pending_age of {limit:g} s (state {state})",
+                        service=service_id,
+                        age=age,
+                        limit=limit,
+                        state=self.state_of(service_id),
+                    )
+            elif service_id in self._too_old:
+                log.info(
+                    "{service}: nothing pending longer than max_pending_age now", service=service_id
+                )
+        self._too_old = set(over)
+        return over
 
     async def _activate(self, registrations: list[Registration]) -> None:
         """Start delivering to these services: recover the ones with stored transactions."""
@@ -286,6 +340,8 @@ class DeliveryService(Service):
     async def _stop(self) -> None:
         if self._starting is not None:
             await self._starting
+        if self._age_check is not None and self._age_check.active():
+            self._age_check.cancel()
         handles = list(self._handles.values()) + self._retired
         self._recoverer.stop_all(handles)
         await self._sorter.stop()
