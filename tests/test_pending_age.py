@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.logger import globalLogPublisher
+from twisted.logger import ILogObserver, globalLogPublisher
+from zope.interface import implementer
 
 from delivery.metrics import Metrics
 from delivery.service import AGE_CHECK_INTERVAL
@@ -35,6 +36,7 @@ async def test_events_pending_too_long_raise_an_alert_and_stay(db_url, reactor, 
     service.observe(metrics)
     lines: list[str] = []
 
+    @implementer(ILogObserver)
     def observe(event: dict[str, Any]) -> None:
         if "max_pending_age" in event.get("log_format", ""):
             lines.append(event["log_format"].format(**event))
