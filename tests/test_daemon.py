@@ -344,3 +344,37 @@ async def test_the_quick_start_command_runs_the_daemon(
     finally:
         process.signalProcess(signal.SIGTERM)
     await stopped_cleanly(child)
+
+
+@pytest_twisted.ensureDeferred
+async def test_secrets_never_reach_the_log(tmp_path: Path, reactor: Any, receiver: Any) -> None:
+    """Everything the daemon logged while things went wrong, grepped for every secret."""
+    receiver.answer(401, body=b'{"errcode":"M_FORBIDDEN"}')
+    registration = write_registration(
+        tmp_path, "bridge", receiver.url, initial_delay=0.05, max_delay=0.1, probe_interval=0.05
+    )
+    config = write_config(tmp_path, [registration], log={"level": "debug"})
+    child, process, url = await run_daemon(reactor, tmp_path, config)
+    hs_token = "hs-secret-token"
+    as_token = "as-bridge-secret"
+    try:
+        await post_events(url, [event(1)])
+        await receiver.wait_for_requests(2)  # refused, retried
+        for token in (None, "wrong", ADMIN):
+            headers = auth(token) if token else None
+            await treq.post(
+                url + "/v1/events", json={"events": [event(2)]}, headers=headers, persistent=False
+            )
+        # a reload that fails, with the tokens in the broken file
+        config.write_text(config.read_text() + f"bogus: {INGEST}\n")
+        process.signalProcess("HUP")
+        await child.wait_for_output(b"reload on SIGHUP failed")
+        receiver.answer(200)
+        await receiver.wait_for_events(1)
+    finally:
+        process.signalProcess(signal.SIGTERM)
+    await stopped_cleanly(child)
+    log = child.output.decode(errors="replace")
+    assert "is DOWN" in log  # the failures were logged...
+    for secret in (hs_token, as_token, INGEST, ADMIN):
+        assert secret not in log, secret  # ...without a secret
