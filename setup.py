@@ -30,6 +30,7 @@ setup(
             "hypothesis>=6.100",
             "mautrix>=0.20",
             "aiohttp>=3.9",
+            "schemathesis>=4",
             "jsonschema>=4.18",
         ],
     },

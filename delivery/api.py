@@ -35,6 +35,8 @@ log = Logger()
 
 JSON_TYPE = b"application/json"
 _DIGITS = re.compile(r"[0-9]{1,19}")
+#: the most dead letters one request names
+MAX_IDS = 1000
 METRICS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -378,11 +380,16 @@ class Api(resource.Resource):
         if body.get("all") is True and "ids" not in body:
             return None
         ids = body.get("ids")
-        if not isinstance(ids, list) or not all(
-            isinstance(i, int) and not isinstance(i, bool) for i in ids
+        if (
+            not isinstance(ids, list)
+            or len(ids) > MAX_IDS
+            or not all(type(i) is int and 0 < i < 2**62 for i in ids)
         ):
             raise ApiError(
-                400, "M_BAD_JSON", 'give the dead letters as {"ids": [1, 2]}, or {"all": true}'
+                400,
+                "M_BAD_JSON",
+                f'give the dead letters as {{"ids": [1, 2]}} (at most {MAX_IDS} ids), or'
+                ' {"all": true}',
             )
         return ids
 
