@@ -47,7 +47,13 @@ async def test_schemathesis_finds_nothing(tmp_path: Path, reactor: Any) -> None:
             "--max-examples", "25", "--seed", os.environ.get("DELIVERY_SCHEMATHESIS_SEED", "1"),
         ]  # fmt: skip
         result = await deferToThread(
-            subprocess.run, command, capture_output=True, text=True, timeout=240, check=False
+            subprocess.run,
+            command,
+            capture_output=True,
+            text=True,
+            timeout=240,
+            check=False,
+            cwd=tmp_path,
         )
     finally:
         process.signalProcess("TERM")
