@@ -63,6 +63,8 @@ class Config:
     max_events_per_request: int = 1000
     max_request_bytes: int = 10 * 1024 * 1024
     max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
+    #: how long start-up keeps trying to reach the database, seconds
+    start_timeout: float = 60.0
     defaults: DeliveryOptions = attrs.Factory(DeliveryOptions)
     log: LogConfig = attrs.Factory(LogConfig)
 
@@ -221,6 +223,7 @@ def parse_config(data: object, source: str, base: Path, environ: Mapping[str, st
         max_events_per_request=number("max_events_per_request", 1000, integer=True),
         max_request_bytes=number("max_request_bytes", 10 * 1024 * 1024, integer=True),
         max_event_bytes=number("max_event_bytes", DEFAULT_MAX_EVENT_BYTES, integer=True),
+        start_timeout=number("start_timeout", 60.0),
         defaults=defaults,
         log=LogConfig(level),
     )

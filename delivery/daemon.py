@@ -9,6 +9,7 @@ reload the registrations.
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Mapping
 from pathlib import Path
@@ -105,6 +106,7 @@ class Daemon(MultiService):
             poll_interval=config.poll_interval,
             max_event_bytes=config.max_event_bytes,
             server_name=config.server_name,
+            start_timeout=config.start_timeout,
         )
         self.delivery.setServiceParent(self)  # type: ignore[no-untyped-call]
         self.metrics = Metrics(self.delivery.clock)
@@ -135,6 +137,9 @@ class Daemon(MultiService):
     def _not_started(self, failure: Failure) -> None:
         log.critical("delivery could not start: {error}; stopping", error=failure.getErrorMessage())
         if self.reactor.running:
+            # Exit non-zero, so that a supervisor (systemd's Restart=on-failure) notices:
+            # twistd itself would exit 0 once the reactor stops.
+            self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
             self.reactor.stop()
 
     def _sighup(self, signum: int, frame: Any) -> None:

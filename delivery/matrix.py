@@ -13,12 +13,15 @@ from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.error import (
     ConnectError,
+    ConnectionDone,
+    ConnectionLost,
     ConnectionRefusedError,
     DNSLookupError,
 )
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
+from twisted.web._newclient import BadResponseVersion, ParseError
 from twisted.web.client import (
     Agent,
     HTTPConnectionPool,
@@ -101,6 +104,10 @@ def describe_failure(failure: Failure, timeout: float) -> str:
             return describe_failure(reasons[0], timeout)
     if failure.check(ConnectionRefusedError):
         return "connection refused"
+    if failure.check(ConnectionLost, ConnectionDone):
+        return "the connection was closed before the answer was complete"
+    if failure.check(ParseError, BadResponseVersion):
+        return "the answer is not HTTP"
     if failure.check(DNSLookupError):
         return "cannot resolve the host name"
     if failure.check(ConnectError):

@@ -6,20 +6,21 @@ daemon.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, TypeVar
 
 import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
 from ._interfaces import IDeliveryObserver, IEventSource, ISender, IStore
 from ._log import Logger
 from ._observers import Observers
 from ._state import ServiceCore, ServiceHandle, State, service_machine
-from .errors import DeliveryError, UnknownServiceError
+from .errors import DeliveryError, StoreUnavailableError, UnknownServiceError
 from .events import DEFAULT_MAX_EVENT_BYTES, prepare
 from .interest import InterestIndex
 from .matrix import ConnectionPool, MatrixSender
@@ -31,6 +32,7 @@ from .sorter import AliasLookup, EventSorter
 from .transactions import TransactionMaker
 
 log = Logger()
+T = TypeVar("T")
 
 
 @attrs.frozen
@@ -139,12 +141,15 @@ class DeliveryService(Service):
         server_name: str | None = None,
         senders: dict[str, ISender] | None = None,
         rng: random.Random | None = None,
+        start_timeout: float = 60.0,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
         self.clock: IReactorTime = clock if clock is not None else reactor
         self.store = store
+        #: how long start-up keeps trying while the store is unavailable, seconds
+        self.start_timeout = start_timeout
         self.registrations = _by_id(registrations)
         self._server_name = server_name
         if poll_interval <= 0:
@@ -211,12 +216,33 @@ class DeliveryService(Service):
             self._start_failure.raiseException()
 
     async def _start_pipeline(self) -> None:
-        await self.store.open()
-        await self._activate(list(self.registrations.values()))
-        await self._sorter.start()
+        # Everything read first, retried while the database is away for a moment (a
+        # restart of the server as we start); then everything started at once.
+        registrations = list(self.registrations.values())
+        await self._while_unavailable(self.store.open)
+        starts = await self._while_unavailable(lambda: self._read_starts(registrations))
+        position = await self._while_unavailable(self.store.sorter_position)
+        self._start_handles(registrations, starts)
+        self._sorter.start(position)
         if not self._external_source:
             self.store.on_new_events(self._sorter.wake)
         self._age_check = self.clock.callLater(AGE_CHECK_INTERVAL, self._check_ages)
+
+    async def _while_unavailable(self, step: Callable[[], Awaitable[T]]) -> T:
+        """``step()``, tried again with backoff while the store is unavailable, for a while."""
+        deadline = self.clock.seconds() + self.start_timeout
+        delay = 0.5
+        while True:
+            try:
+                return await step()
+            except StoreUnavailableError as e:
+                if self.clock.seconds() + delay > deadline:
+                    raise
+                log.warn(
+                    "starting: {error}; trying again in {delay:g} s", error=str(e), delay=delay
+                )
+                await deferLater(self.clock, delay, lambda: None)
+                delay = min(delay * 2, 5.0)
 
     def _check_ages(self) -> None:
         d = Deferred.fromCoroutine(self.pending_too_long())

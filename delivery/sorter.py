@@ -63,8 +63,9 @@ class EventSorter:
         self._unsure = False
         self._idle_waiters: list[Deferred[None]] = []
 
-    async def start(self) -> None:
-        self.position = await self._store.sorter_position()
+    def start(self, position: int) -> None:
+        """Route events from stream ``position`` on (the store's sorter position)."""
+        self.position = position
         self._stopped = False
         self.wake()
 

@@ -25,6 +25,7 @@ import pytest_twisted
 from delivery._interfaces import IStore
 from delivery.store import open_store
 
+from .faults import faulty_receiver  # noqa: F401  (the fixture, for every test)
 from .receiver import Receiver, start_receiver, stop_receiver
 
 POSTGRES_ADMIN_URL = os.environ.get(
