@@ -123,7 +123,8 @@ class Daemon(MultiService):
         self.web.setServiceParent(self)  # type: ignore[no-untyped-call]
 
     def startService(self) -> None:
-        # Delivery first: the API must not answer before the store is open.
+        # The API may listen before the store is open: every handler waits until the
+        # DeliveryService has started (and answers with why, if it could not).
         super().startService()  # type: ignore[no-untyped-call]
         if self.handle_signals:
             signal.signal(signal.SIGHUP, self._sighup)
