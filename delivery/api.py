@@ -11,8 +11,8 @@ import hmac
 import io
 import json
 import re
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 from urllib.parse import unquote
 
 import attrs
@@ -32,6 +32,7 @@ from .records import DeadLetter, StoredTransaction
 from .service import DeliveryService, ReloadResult, ServiceRegisteredError, ServiceStatus
 
 log = Logger()
+T = TypeVar("T")
 
 JSON_TYPE = b"application/json"
 _DIGITS = re.compile(r"[0-9]{1,19}")
@@ -193,6 +194,8 @@ class Api(resource.Resource):
             status, body = e.status, {"errcode": e.errcode, "error": e.error}
             for name, value in e.headers.items():
                 request.setHeader(name, value)
+        except UnknownServiceError as e:
+            status, body = 404, {"errcode": "M_NOT_FOUND", "error": str(e)}
         except StoreUnavailableError as e:
             # Nothing was acknowledged: the client retries (ingest is idempotent).
             status, body = 503, {"errcode": "M_UNAVAILABLE", "error": str(e)}
@@ -312,37 +315,42 @@ class Api(resource.Resource):
         return 200, await self._status(service_id)
 
     async def _status(self, service_id: str) -> dict[str, Any]:
-        try:
-            status = await self.delivery.status(service_id)
-        except UnknownServiceError as e:
-            raise ApiError(404, "M_NOT_FOUND", str(e)) from None
-        return status_json(status)
+        return status_json(await self.delivery.status(service_id))
 
     async def retry(self, request: server.Request, service_id: str) -> tuple[int, Any]:
-        try:
-            await self.delivery.retry_now(service_id)
-        except UnknownServiceError as e:
-            raise ApiError(404, "M_NOT_FOUND", str(e)) from None
+        await self.delivery.retry_now(service_id)
         return 200, {}
 
     async def list_transactions(self, request: server.Request, service_id: str) -> tuple[int, Any]:
+        return await self._page(
+            request,
+            "transactions",
+            lambda after, limit: self.delivery.transactions(service_id, after, limit),
+            transaction_json,
+            lambda t: t.txn_id,
+        )
+
+    async def _page(
+        self,
+        request: server.Request,
+        key: str,
+        fetch: Callable[[int, int], Awaitable[Sequence[T]]],
+        as_json: Callable[[T], dict[str, Any]],
+        position: Callable[[T], int],
+    ) -> tuple[int, Any]:
+        """One page of a listing: ``from`` and ``limit`` in, ``next_from`` out."""
         after = self._int_arg(request, "from", 0, 0, 2**62)
         limit = self._int_arg(request, "limit", 100, 1, 1000)
-        try:
-            txns = await self.delivery.transactions(service_id, after, limit + 1)
-        except UnknownServiceError as e:
-            raise ApiError(404, "M_NOT_FOUND", str(e)) from None
-        page = txns[:limit]
+        items = await fetch(after, limit + 1)
+        page = items[:limit]
         return 200, {
-            "transactions": [transaction_json(t) for t in page],
-            "next_from": page[-1].txn_id if len(txns) > limit else None,
+            key: [as_json(item) for item in page],
+            "next_from": position(page[-1]) if len(items) > limit else None,
         }
 
     async def purge(self, request: server.Request, service_id: str) -> tuple[int, Any]:
         try:
             result = await self.delivery.purge(service_id)
-        except UnknownServiceError as e:
-            raise ApiError(404, "M_NOT_FOUND", str(e)) from None
         except ServiceRegisteredError as e:
             raise ApiError(409, "M_FORBIDDEN", str(e)) from None
         return 200, {
@@ -351,24 +359,17 @@ class Api(resource.Resource):
         }
 
     async def enable(self, request: server.Request, service_id: str) -> tuple[int, Any]:
-        try:
-            await self.delivery.enable(service_id)
-        except UnknownServiceError as e:
-            raise ApiError(404, "M_NOT_FOUND", str(e)) from None
+        await self.delivery.enable(service_id)
         return 200, {}
 
     async def list_dead_letters(self, request: server.Request, service_id: str) -> tuple[int, Any]:
-        after = self._int_arg(request, "from", 0, 0, 2**62)
-        limit = self._int_arg(request, "limit", 100, 1, 1000)
-        try:
-            letters = await self.delivery.dead_letters(service_id, after, limit + 1)
-        except UnknownServiceError as e:
-            raise ApiError(404, "M_NOT_FOUND", str(e)) from None
-        page = letters[:limit]
-        return 200, {
-            "dead_letters": [dead_letter_json(d) for d in page],
-            "next_from": page[-1].id if len(letters) > limit else None,
-        }
+        return await self._page(
+            request,
+            "dead_letters",
+            lambda after, limit: self.delivery.dead_letters(service_id, after, limit),
+            dead_letter_json,
+            lambda d: d.id,
+        )
 
     def _ids(self, request: server.Request, require: bool) -> list[int] | None:
         """The ``ids`` of a dead-letter request; None for all (which discard must say)."""
@@ -395,24 +396,18 @@ class Api(resource.Resource):
 
     async def _require(self, service_id: str) -> None:
         if not await self.delivery.knows(service_id):
-            raise ApiError(404, "M_NOT_FOUND", str(UnknownServiceError(service_id)))
+            raise UnknownServiceError(service_id)
 
     async def redrive(self, request: server.Request, service_id: str) -> tuple[int, Any]:
         await self._require(service_id)
         ids = self._ids(request, require=False)
-        try:
-            count = await self.delivery.redrive(service_id, ids)
-        except UnknownServiceError as e:
-            raise ApiError(404, "M_NOT_FOUND", str(e)) from None
+        count = await self.delivery.redrive(service_id, ids)
         return 200, {"redriven": count}
 
     async def discard(self, request: server.Request, service_id: str) -> tuple[int, Any]:
         await self._require(service_id)
         ids = self._ids(request, require=True)
-        try:
-            count = await self.delivery.discard(service_id, ids)
-        except UnknownServiceError as e:
-            raise ApiError(404, "M_NOT_FOUND", str(e)) from None
+        count = await self.delivery.discard(service_id, ids)
         return 200, {"discarded": count}
 
     async def reload(self, request: server.Request) -> tuple[int, Any]:
