@@ -308,8 +308,7 @@ class Api(resource.Resource):
         return 200, {"stream_ids": ids}
 
     async def list_services(self, request: server.Request) -> tuple[int, Any]:
-        statuses = [await self._status(i) for i in await self.delivery.service_ids()]
-        return 200, {"services": statuses}
+        return 200, {"services": [status_json(s) for s in await self.delivery.statuses()]}
 
     async def get_service(self, request: server.Request, service_id: str) -> tuple[int, Any]:
         return 200, await self._status(service_id)

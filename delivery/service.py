@@ -25,7 +25,7 @@ from .events import DEFAULT_MAX_EVENT_BYTES, prepare
 from .interest import InterestIndex
 from .matrix import ConnectionPool, MatrixSender
 from .pool import DEFAULT_WINDOW, EventPool
-from .records import DeadLetter, ServiceRecord, StoredTransaction
+from .records import DeadLetter, ServiceRecord, ServiceSummary, StoredTransaction
 from .recoverer import Recoverer
 from .registration import Registration
 from .sorter import AliasLookup, EventSorter
@@ -412,17 +412,28 @@ class DeliveryService(Service):
         await self._known(service_id)
         summary = await self.store.summary(service_id)
         record = (await self.store.services())[service_id]
+        return self._status_of(record, summary)
+
+    def statuses(self) -> Deferred[list[ServiceStatus]]:
+        """Every service's status (orphaned ones included), read in one go."""
+        return Deferred.fromCoroutine(self._statuses())
+
+    async def _statuses(self) -> list[ServiceStatus]:
+        await self._started()
+        for handle in list(self._handles.values()):
+            await handle.recorded()
+        records = await self.store.services()
+        summaries = await self.store.summaries()
+        return [self._status_of(records[i], summaries[i]) for i in sorted(records)]
+
+    def _status_of(self, record: ServiceRecord, summary: ServiceSummary) -> ServiceStatus:
+        service_id = record.service_id
         handle = self._handles.get(service_id)
+        registered = service_id in self.registrations
         now = self.clock.seconds()
         return ServiceStatus(
             service_id=service_id,
-            state=(
-                str(handle.state)
-                if handle
-                else record.state
-                if service_id in self.registrations
-                else ORPHANED
-            ),
+            state=str(handle.state) if handle else record.state if registered else ORPHANED,
             queued_events=summary.queued_events,
             stored_transactions=summary.stored_transactions,
             oldest_pending_age=(
@@ -437,7 +448,7 @@ class DeliveryService(Service):
                 handle.next_retry_ts
                 if handle
                 else record.next_retry_ts
-                if service_id in self.registrations
+                if registered
                 else None  # an orphaned service is never retried
             ),
             last_txn_id=record.last_txn_id,
@@ -508,11 +519,6 @@ class DeliveryService(Service):
         if handle.in_flight is not None:
             handle.in_flight.cancel()
         self._pool.reset(handle.id)
-
-    async def service_ids(self) -> list[str]:
-        """Every service: the registered ones and the orphaned ones the database still has."""
-        await self._started()
-        return sorted(set(self.registrations) | set(await self.store.services()))
 
     def purge(self, service_id: str) -> Deferred[PurgeResult]:
         """

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 import treq
-from twisted.internet import protocol
+from twisted.internet import protocol, task
 from twisted.internet.defer import Deferred
 
 from delivery import cli
@@ -170,8 +170,13 @@ async def test_the_daemon_delivers_stops_on_sigterm_and_resumes_after_a_restart(
         assert receiver.event_ids == [f"$e{n}" for n in range(10)]
         accepted = [int(r.txn_id) for r in receiver.accepted]
         assert accepted == sorted(accepted)
-        status = (await services(url))["bridge"]
-        assert status["state"] == "up"
+        # the last answer reached the receiver; the daemon may still be taking it in
+        for _ in range(1000):
+            status = (await services(url))["bridge"]
+            if status["state"] == "up":
+                break
+            await task.deferLater(reactor, 0.01, lambda: None)
+        assert (status["state"], status["stored_transactions"]) == ("up", 0)
     finally:
         process.signalProcess(signal.SIGTERM)
     await stopped_cleanly(child)
