@@ -28,6 +28,7 @@ from twisted.web.client import (
     ResponseDone,
     ResponseFailed,
     ResponseNeverReceived,
+    _HTTP11ClientFactory,
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
@@ -120,12 +121,17 @@ def _describe_answer(status: int, body: bytes) -> str:
     return f"HTTP {status}" + (f": {text}" if text else "")
 
 
+class _QuietFactory(_HTTP11ClientFactory):
+    noisy = False
+
+
 class ConnectionPool:
     """One persistent HTTP connection pool shared by the senders of every service."""
 
     def __init__(self, reactor: Any, max_per_host: int = 4) -> None:
         self.reactor = reactor
         self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool._factory = _QuietFactory  # no "Starting factory" line per connection
         self.pool.maxPersistentPerHost = max_per_host
         self.pool.retryAutomatically = False
         self._jar = CookieJar(DefaultCookiePolicy(allowed_domains=[]))
