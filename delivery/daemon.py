@@ -29,7 +29,7 @@ from .config import Config, check
 from .errors import DeliveryError
 from .metrics import Metrics
 from .service import DeliveryService, ReloadResult
-from .store import open_store
+from .store import open_store, redact_url
 
 log = Logger()
 
@@ -132,7 +132,7 @@ class Daemon(MultiService):
         log.info(
             "delivery starting: {count} application service(s), database {database}",
             count=len(self.delivery.registrations),
-            database=_redact(self.config.database),
+            database=redact_url(self.config.database),
         )
 
     def _not_started(self, failure: Failure) -> None:
@@ -191,15 +191,6 @@ def _limits(config: Config) -> Limits:
 
 def _tokens(config: Config) -> Tokens:
     return Tokens(config.ingest_token, config.admin_token, config.metrics_token)
-
-
-def _redact(url: str) -> str:
-    """A database URL without its password."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        credentials, host = rest.rsplit("@", 1)
-        return f"{scheme}://{credentials.split(':', 1)[0]}@{host}"
-    return url
 
 
 class Options(usage.Options):

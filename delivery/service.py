@@ -291,10 +291,6 @@ class DeliveryService(Service):
         self._too_old = set(over)
         return over
 
-    async def _activate(self, registrations: list[Registration]) -> None:
-        """Start delivering to these services: recover the ones with stored transactions."""
-        self._start_handles(registrations, await self._read_starts(registrations))
-
     async def _read_starts(
         self, registrations: list[Registration]
     ) -> dict[str, tuple[ServiceRecord, bool]]:

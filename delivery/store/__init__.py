@@ -28,6 +28,7 @@ __all__ = [
     "ServiceSummary",
     "StoredTransaction",
     "open_store",
+    "redact_url",
 ]
 
 
@@ -58,17 +59,18 @@ def open_store(url: str, reactor: Any = None) -> IStore:
     if parts.scheme in ("postgresql", "postgres"):
         if not parts.path.strip("/"):
             raise InvalidStoreURLError(
-                f"database URL {_hide_password(url)!r} names no database; write "
+                f"database URL {redact_url(url)!r} names no database; write "
                 "postgresql://user@host:5432/dbname"
             )
         return PostgresStore(url, reactor)
     raise InvalidStoreURLError(
-        f"database URL {_hide_password(url)!r}: unknown kind {parts.scheme!r}; use"
+        f"database URL {redact_url(url)!r}: unknown kind {parts.scheme!r}; use"
         " sqlite:///path.db or postgresql://user@host/dbname"
     )
 
 
-def _hide_password(url: str) -> str:
+def redact_url(url: str) -> str:
+    """A database URL fit for a log line or an error: its password replaced by ``***``."""
     parts = urlsplit(url)
     if parts.password is None:
         return url
