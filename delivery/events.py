@@ -16,7 +16,12 @@ from .interest import RoutingFields
 #: Matrix caps an event at 64 KiB of JSON; so do we, unless told otherwise.
 DEFAULT_MAX_EVENT_BYTES = 65536
 
-_encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+# No check for circular references (it doubles the cost of encoding): an event is walked
+# first (``_json_problem``), and one nested too deep, as a cycle would be, is refused.
+_encoder = json.JSONEncoder(
+    ensure_ascii=False, allow_nan=False, separators=(",", ":"), check_circular=False
+)
+_encode = _encoder.encode
 
 
 @attrs.frozen
@@ -61,24 +66,22 @@ def prepare(events: object, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> l
 
 
 def prepare_one(index: int, event: object, max_event_bytes: int) -> Event:
-    if not isinstance(event, Mapping):
+    if not isinstance(event, (dict, Mapping)):
         raise InvalidEventError(index, f"must be a JSON object, not {type(event).__name__}")
     event_id = event.get("event_id")
     if not isinstance(event_id, str) or not event_id:
         raise InvalidEventError(index, "'event_id' must be a non-empty string")
-    fields = {}
-    for key in ("sender", "room_id", "type", "state_key"):
-        value = event.get(key)
+    fields = [event.get(key) for key in _ROUTING_KEYS]
+    for key, value in zip(_ROUTING_KEYS, fields, strict=True):
         if value is not None and not isinstance(value, str):
             raise InvalidEventError(
                 index, f"{event_id}: {key!r} must be a string, not {type(value).__name__}"
             )
-        fields[key] = value
     problem = _json_problem(event)
     if problem:
         raise InvalidEventError(index, f"{event_id}: {problem}")
     try:
-        data = _encoder.encode(event).encode("utf-8")
+        data = _encode(event).encode("utf-8")
     except (TypeError, ValueError, UnicodeEncodeError) as e:
         raise InvalidEventError(index, f"{event_id}: cannot be encoded as JSON: {e}") from None
     if len(data) > max_event_bytes:
@@ -87,30 +90,41 @@ def prepare_one(index: int, event: object, max_event_bytes: int) -> Event:
             f"{event_id}: is {len(data)} bytes of JSON, more than the limit of "
             f"{max_event_bytes} bytes",
         )
-    return Event(event_id, RoutingFields(**fields), data)
+    return Event(event_id, RoutingFields(*fields), data)
 
+
+#: the fields that route an event, in the order of :class:`RoutingFields`
+_ROUTING_KEYS = ("sender", "room_id", "type", "state_key")
 
 #: deeper nesting than this is refused (no real event comes close)
 MAX_DEPTH = 100
 
 
+#: values that hold no keys and no further values
+_FLAT = frozenset((str, int, float, bool, type(None)))
+
+
 def _json_problem(event: Mapping[str, object]) -> str | None:
     """What keeps ``event`` from being a JSON object as given (keys, depth), if anything."""
+    # Runs for every value of every event ingested: concrete types are checked first
+    # (an ABC's isinstance is slow), and scalars are not put on the stack.
     stack: list[tuple[object, int]] = [(event, 1)]
+    push, pop = stack.append, stack.pop
     while stack:
-        value, depth = stack.pop()
+        value, depth = pop()
         if depth > MAX_DEPTH:
             return f"is nested more than {MAX_DEPTH} levels deep"
-        if isinstance(value, Mapping):
-            for key, item in value.items():
+        if isinstance(value, (dict, Mapping)):
+            for key in value:
                 if not isinstance(key, str):
                     return f"has a key that is not a string: {key!r}"
-                if isinstance(item, (Mapping, list, tuple)):
-                    stack.append((item, depth + 1))
+            for item in value.values():
+                if type(item) not in _FLAT:
+                    push((item, depth + 1))
         elif isinstance(value, (list, tuple)):
-            stack.extend(
-                (item, depth + 1) for item in value if isinstance(item, (Mapping, list, tuple))
-            )
+            for item in value:
+                if type(item) not in _FLAT:
+                    push((item, depth + 1))
     return None
 
 
