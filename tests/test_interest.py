@@ -11,8 +11,8 @@ from __future__ import annotations
 import functools
 import random
 import re
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, cast
 
 import pytest
 import pytest_twisted
@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, gatherResults
 
 from delivery import Registration
-from delivery.interest import InterestIndex, RoutingFields
+from delivery.interest import InterestIndex, RoutingFields, _Matcher, literal_prefix
 
 from .harness import event, make_service
 from .receiver import HS_TOKEN, Receiver, start_receiver, stop_receiver
@@ -278,8 +278,10 @@ def test_server_name_makes_the_services_own_user_interesting() -> None:
     invite = fields(sender="@alice:example.org", type=MEMBER, state_key=bot)
     assert with_name.route(invite) == {"tg"}
     assert without.route(invite) == frozenset()
-    # the same localpart on another server is someone else
-    assert with_name.route(fields(sender="@telegrambot:evil.org")) == frozenset()
+    # the same localpart on another server is someone else, and only the very user counts
+    for other in ["@telegrambot:evil.org", "@telegrambot:exampleXorg", bot + ".evil", bot + "\n"]:
+        assert with_name.route(fields(sender=other)) == frozenset(), other
+    assert with_name.route(fields(sender=bot[:-1])) == frozenset()
     assert with_name.users(bot) == {"tg"}
     assert with_name.users("@whatsappbot:example.org") == {"wa"}
 
@@ -384,11 +386,15 @@ PATTERNS = [
     "!r1.*",
     "!r.*:hs",
     "#al_.*",
+    r"@a\_.*",
+    "@ab?_.*",
+    "@a{2}.*",
+    r"^@b_\d",
     "(?s).*1.*",
     ".*:other",
 ]
-VALUES = ["@a_1:hs", "@a1:hs", "@aa:hs", "@b_1:hs", "@bb:hs", "@A_1:hs", "@z:other", "!r1:hs",
-          "!r2:hs", "#al_1:hs", "#al_2:other"]  # fmt: skip
+VALUES = ["@a_1:hs", "@ab_1:hs", "@a1:hs", "@aa:hs", "@b_1:hs", "@bb:hs", "@A_1:hs", "@z:other",
+          "!r1:hs", "!r2:hs", "#al_1:hs", "#al_2:other"]  # fmt: skip
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -427,6 +433,246 @@ def test_index_agrees_with_brute_force(
     for sender, room_id, event_type, state_key, aliases in events:
         f = fields(sender=sender, room_id=room_id, type=event_type, state_key=state_key)
         assert index.route(f, aliases) == brute_force(regs, f, aliases, server_name="hs")
+
+
+# -- literal prefixes --
+
+
+@pytest.mark.parametrize(
+    ("regex", "prefix"),
+    [
+        (r"@slack_.*:example\.org", "@slack_"),
+        (r"@_discord_[0-9]+:example\.org", "@_discord_"),
+        ("@telegram_.*", "@telegram_"),
+        (r"!abc123:example\.org", "!abc123:example.org"),  # all of it
+        (r"#irc_.*:example\.org", "#irc_"),
+        (r"^@whatsapp_.*:example\.org$", "@whatsapp_"),  # a leading anchor is no character
+        (r"^^\A@x_.*", "@x_"),
+        (r"@a\:b\_c\\d\ e\-f", "@a:b_c\\d e-f"),  # escaped punctuation is itself
+        ("@é_.*", "@é_"),
+        # a quantifier takes the character before it out of the prefix
+        ("@ab?c", "@a"),
+        ("@ab*", "@a"),
+        ("@ab+", "@a"),
+        ("@ab{2}", "@a"),
+        ("@ab{,2}", "@a"),
+        ("@ab??", "@a"),
+        (r"@a\.?b", "@a"),
+        (r"@a\d", "@a"),  # an escape that is a class, an anchor or a reference ends it
+        (r"@a\w", "@a"),
+        (r"@a\b", "@a"),
+        (r"@a\Z", "@a"),
+        (r"@a\nb", "@a"),
+        (r"(@a)\1", ""),
+        ("@a[b]", "@a"),
+        ("@a(b)", "@a"),
+        ("@a(?i:B)", "@a"),
+        ("@a(?=b)", "@a"),
+        ("@a.b", "@a"),
+        ("@a$", "@a"),
+        ("@a}", "@a"),
+        # nothing usable
+        ("a*", ""),
+        (".*", ""),
+        ("[@]a", ""),
+        ("(@a)", ""),
+        ("(?:@a)", ""),
+        (r"\d@", ""),
+        ("(?i)@a", ""),
+        ("(?s)@a.*", ""),
+        ("(?x)@a", ""),
+        ("(?<!x)@a", ""),
+        ("(?#note)@a", ""),
+        # an alternation anywhere, even where it could not split the pattern
+        ("@a|@b", ""),
+        ("@a(?:b|c)", ""),
+        (r"@a\|", ""),
+        ("@a[|]", ""),
+    ],
+)
+def test_literal_prefix(regex: str, prefix: str) -> None:
+    assert literal_prefix(re.compile(regex)) == prefix
+
+
+def test_flags_given_to_compile_mean_no_prefix() -> None:
+    assert literal_prefix(re.compile("@a_.*")) == "@a_"
+    assert literal_prefix(re.compile("@a_.*", re.IGNORECASE)) == ""
+    assert literal_prefix(re.compile("@a_.*", re.ASCII)) == ""
+
+
+def test_nested_and_neighbouring_prefixes() -> None:
+    """
+    A string is tried against every prefix it starts with, however many other prefixes sort
+    between them.
+    """
+    regexes = ["@", "@a", "@a_", "@a_b", "@a_b_c", "@a_bc", "@a_c", "@ab", "@b", "@a_b:hs$", "!"]
+    regs = [reg(r, users=[r + ".*" if "$" not in r else r]) for r in regexes]
+    index = InterestIndex(regs)
+    assert index.users("@a_b_c:hs") == {"@", "@a", "@a_", "@a_b", "@a_b_c"}
+    assert index.users("@a_b:hs") == {"@", "@a", "@a_", "@a_b", "@a_b:hs$"}
+    assert index.users("@a_bz") == {"@", "@a", "@a_", "@a_b"}
+    assert index.users("@a_d") == {"@", "@a", "@a_"}
+    assert index.users("@aa") == {"@", "@a"}
+    assert index.users("@c") == {"@"}
+    assert index.users("") == index.users("#") == frozenset()
+    values = ["@a_b_c:hs", "@a_b:hs\n", "@a_bcd", "@a_c_", "@abc", "@b_", "!x", "@a_b:hsx"]
+    for value in values + [v[:n] for v in values for n in range(len(v))]:
+        assert index.users(value) == brute_force(regs, fields(sender=value, room_id=None)), value
+
+
+class CountingPattern:
+    """A compiled regex that records the strings it is tried on."""
+
+    def __init__(self, regex: str) -> None:
+        self._compiled = re.compile(regex)
+        self.pattern = regex
+        self.flags = self._compiled.flags
+        self.tried: list[str] = []
+
+    def match(self, value: str) -> re.Match[str] | None:
+        self.tried.append(value)
+        return self._compiled.match(value)
+
+
+def test_a_string_is_tried_only_against_the_patterns_whose_prefix_it_starts_with() -> None:
+    regexes = [rf"@bridge{i}_.*:hs" for i in range(300)] + ["@bridge1.*", "@b", "@.*", "!r"]
+    general = ["(@).*", "@x|@y", r"(@z)\1"]  # two behind the prefilter, one alone
+    counting = [CountingPattern(r) for r in regexes + general]
+    matcher = _Matcher([(r.pattern, cast(re.Pattern[str], r)) for r in counting], cache_size=0)
+    values = ["@bridge15_1:hs", "@bridge1_x", "@bridge1", "@bridge999_1:hs", "@b", "@", "!r1"]
+    for value in values:
+        expected = {r for r in regexes + general if re.match(r, value)}
+        assert matcher.services(value) == expected
+    by_regex = {r.pattern: r.tried for r in counting}
+    for regex in regexes:
+        prefix = literal_prefix(re.compile(regex))
+        assert by_regex[regex] == [v for v in values if v.startswith(prefix)], regex
+    assert by_regex["(@).*"] == by_regex["@x|@y"] == [v for v in values if v.startswith("@")]
+    assert by_regex[r"(@z)\1"] == values
+
+
+# Patterns built from pieces, each piece with a string it matches: plain and escaped
+# characters, classes, groups, quantifiers (which take a character out of the prefix),
+# anchors, flags, lookarounds and alternations (which leave no prefix at all). The
+# alphabet is small so that prefixes often nest and strings often match several patterns.
+CHARS = ["@", "a", "b", "A", "_", ":", "!", "é", " "]
+ESCAPED = ["\\" + c for c in ".:_@-\\*([{^| "]
+#: weights (by repetition): mostly plain characters, so that most patterns have a prefix
+FLAGS = [""] * 9 + ["(?i)", "(?s)", "(?a)"]
+ATOMS = ["char"] * 8 + ["escaped"] * 3 + ["dot", "class", "digit"]
+NESTED = ["group", "scoped", "alternation"]
+#: each with how many times the piece may then come
+QUANTIFIERS = {"?": (0, 1), "??": (0, 1), "{,1}": (0, 1), "*": (0, 2), "*?": (0, 2),
+               "{0,2}": (0, 2), "+": (1, 2), "+?": (1, 2), "{1,2}": (1, 2), "{2}": (2, 2),
+               "{0}": (0, 0)}  # fmt: skip
+
+
+def _recase(draw: Callable[[st.SearchStrategy[bool]], bool], text: str) -> str:
+    """``text`` with some ASCII letters in the other case, which ``(?i)`` allows."""
+    return "".join(
+        c.swapcase() if c.isascii() and c.isalpha() and draw(st.booleans()) else c for c in text
+    )
+
+
+@st.composite
+def atoms(draw: st.DrawFn, depth: int, plain: bool = False) -> tuple[str, str]:
+    """A piece that a quantifier may follow, and a string it matches."""
+    kinds = ["char"] * 3 + ["escaped"] if plain else ATOMS + (NESTED if depth < 2 else [])
+    kind = draw(st.sampled_from(kinds))
+    if kind == "char":
+        c = draw(st.sampled_from(CHARS))
+        return c, c
+    if kind == "escaped":
+        e = draw(st.sampled_from(ESCAPED))
+        return e, e[1]
+    if kind == "dot":
+        return ".", draw(st.sampled_from(CHARS))
+    if kind == "class":
+        return draw(st.sampled_from([("[ab]", "b"), ("[^@]", "a"), ("[a-c]", "c"), ("[.]", ".")]))
+    if kind == "digit":
+        return draw(st.sampled_from([(r"\d", "7"), (r"\w", "a"), (r"\w", "_"), (r"\s", " ")]))
+    inner, text = draw(sequences(depth + 1))
+    if kind == "group":
+        return draw(st.sampled_from(["({})", "(?:{})"])).format(inner), text
+    if kind == "scoped":
+        return f"(?i:{inner})", _recase(draw, text)
+    other, other_text = draw(sequences(depth + 1))
+    return f"(?:{inner}|{other})", draw(st.sampled_from([text, other_text]))
+
+
+@st.composite
+def sequences(draw: st.DrawFn, depth: int = 0, plain: int = 0) -> tuple[str, str]:
+    """
+    Pieces one after another, each perhaps quantified, the first ``plain`` of them
+    characters, and a string they match.
+    """
+    regex, text = "", ""
+    for n in range(plain + draw(st.integers(0 if plain else 1, 4))):
+        if n >= plain and draw(st.integers(0, 7)) == 3:
+            # lookarounds that hold anywhere in a string of our alphabet (no z in it)
+            regex += draw(st.sampled_from(["(?!z)", "(?<!z)"]))
+            continue
+        atom, sample = draw(atoms(depth, plain=n < plain))
+        quantifier = draw(st.sampled_from([""] * 16 + list(QUANTIFIERS)))
+        least, most = QUANTIFIERS.get(quantifier, (1, 1))
+        regex += atom + quantifier
+        text += sample * draw(st.integers(least, most))
+    return regex, text
+
+
+@st.composite
+def patterns(draw: st.DrawFn) -> tuple[str, str]:
+    """A whole pattern and a string it matches (with ``re.match``)."""
+    regex, text = draw(sequences(plain=draw(st.integers(0, 4))))
+    if draw(st.integers(0, 7)) == 3:
+        other, other_text = draw(sequences(plain=draw(st.integers(0, 4))))
+        regex, text = f"{regex}|{other}", draw(st.sampled_from([text, other_text]))
+    flags = draw(st.sampled_from(FLAGS))
+    anchor = draw(st.sampled_from(["", "", "^", r"\A", "^^"]))
+    end = draw(st.sampled_from(["", "", "", "$", r"\Z"]))
+    if "|" in regex and end:
+        regex = f"(?:{regex})"
+    text = _recase(draw, text) if flags == "(?i)" else text
+    return flags + anchor + regex + end, text
+
+
+def near(data: st.DataObject, text: str) -> list[str]:
+    """``text`` and strings close to it: cut short, made longer, one character changed."""
+    i = data.draw(st.integers(0, len(text)))
+    return [
+        text,
+        text[:i],
+        text + data.draw(st.sampled_from(["a", "_", ":hs", "\n"])),
+        text[:i] + data.draw(st.sampled_from(CHARS)) + text[i + 1 :],
+        _recase(data.draw, text),
+    ]
+
+
+@settings(max_examples=400, deadline=None)
+@given(patterns(), st.data())
+def test_every_string_a_pattern_matches_starts_with_its_literal_prefix(
+    spec: tuple[str, str], data: st.DataObject
+) -> None:
+    regex, text = spec
+    pattern = re.compile(regex)
+    assert pattern.match(text), "the generated string must match its pattern"
+    prefix = literal_prefix(pattern)
+    for value in near(data, text):
+        if pattern.match(value):
+            assert value.startswith(prefix), (regex, prefix, value)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(patterns(), min_size=1, max_size=8), st.data())
+def test_generated_patterns_route_like_brute_force(
+    specs: list[tuple[str, str]], data: st.DataObject
+) -> None:
+    regs = [reg(f"s{i}", users=[regex], rooms=[regex]) for i, (regex, _) in enumerate(specs)]
+    index = InterestIndex(regs)
+    for _regex, text in specs:
+        for value in near(data, text):
+            for f in (fields(sender=value, room_id=None), fields(sender=None, room_id=value)):
+                assert index.route(f) == brute_force(regs, f), value
 
 
 # -- end to end, through DeliveryService --
