@@ -11,6 +11,7 @@ from zope.interface import Interface
 from .events import Event, StoredEvent
 from .records import (
     DeadLetter,
+    Ingested,
     QueuedEvent,
     ServiceRecord,
     ServiceSummary,
@@ -40,10 +41,12 @@ class IStore(IEventSource):
     def close() -> Deferred[None]:
         """Release every connection."""
 
-    def insert_events(events: Sequence[Event], now: float) -> Deferred[list[int]]:
+    def insert_events(events: Sequence[Event], now: float) -> Deferred[Ingested]:
         """
         Store a batch of events; their stream positions, in order. An event whose
         ``event_id`` is stored already is left alone and its first position returned.
+        No other writer stores events between the highest position before the batch
+        (``Ingested.after``) and the batch's own.
         """
 
     def sorter_position() -> Deferred[int]:

@@ -6,6 +6,18 @@ import attrs
 
 
 @attrs.frozen
+class Ingested:
+    """
+    What storing a batch of events gave: each event's stream position, in order, and the
+    highest position stored before the batch. Positions above ``after``, up to the
+    highest of ``stream_ids``, hold this batch's new events and nothing else.
+    """
+
+    stream_ids: list[int]
+    after: int
+
+
+@attrs.frozen
 class QueuedEvent:
     """One event waiting in a service's queue: its stream position and JSON bytes."""
 

@@ -395,10 +395,11 @@ class DeliveryService(Service):
         if not prepared:
             return []
         await self._started()
-        ids = await self.store.insert_events(prepared, self.clock.seconds())
-        self._sorter.wake()
+        now = self.clock.seconds()
+        ingested = await self.store.insert_events(prepared, now)
+        self._sorter.ingested(ingested, prepared, now)
         self._observers.events_ingested(len(prepared))
-        return ids
+        return ingested.stream_ids
 
     def status(self, service_id: str) -> Deferred[ServiceStatus]:
         """What is happening with one service; see :class:`ServiceStatus`."""

@@ -5,10 +5,15 @@ It reads the event source after its position, every ``poll_interval`` or at once
 woken (by ``submit()``), works out who wants each event, and in one database transaction
 writes the queue rows and advances its position; then it hands the events to the pool.
 A crash at any point either keeps both or neither.
+
+Events submitted in this process are handed over as they are committed (:meth:`ingested`),
+with the position stored before them: while they follow on from the sorter's position,
+it routes them from memory instead of reading them back.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 
 from twisted.internet.defer import Deferred
@@ -18,12 +23,16 @@ from ._interfaces import IEventSource, IStore
 from ._log import Logger
 from ._observers import Observers
 from .errors import StoreUnavailableError
-from .events import StoredEvent
+from .events import Event, StoredEvent
 from .interest import InterestIndex
 from .pool import EventPool
-from .records import QueuedEvent
+from .records import Ingested, QueuedEvent
 
 log = Logger()
+
+#: at most this many batches of submitted events wait in memory for the sorter (older
+#: ones are read back from the store instead)
+MAX_FRESH = 16
 
 #: Looks up the aliases of a room, for ``aliases`` namespaces (supplied by the embedder).
 AliasLookup = Callable[[str], Awaitable[Sequence[str]]]
@@ -62,6 +71,8 @@ class EventSorter:
         #: a pass failed: the position in memory may be behind the database's
         self._unsure = False
         self._idle_waiters: list[Deferred[None]] = []
+        #: batches just committed, each with the position stored before it
+        self._fresh: deque[tuple[int, list[StoredEvent]]] = deque(maxlen=MAX_FRESH)
 
     def start(self, position: int) -> None:
         """Route events from stream ``position`` on (the store's sorter position)."""
@@ -82,6 +93,45 @@ class EventSorter:
         running = Deferred.fromCoroutine(self._run())
         if not running.called:  # a pass may end before it returns (a synchronous source)
             self._running = running
+
+    def ingested(self, ingested: Ingested, events: Sequence[Event], received_ts: float) -> None:
+        """
+        ``events`` were just committed as ``ingested`` says: route them without reading
+        them back if they follow on from the sorter's position. Wakes the sorter.
+        """
+        new: dict[int, StoredEvent] = {}
+        for stream_id, event in zip(ingested.stream_ids, events, strict=True):
+            if stream_id > ingested.after and stream_id not in new:
+                new[stream_id] = StoredEvent(stream_id, event, received_ts)
+        if new and len(new) <= self._batch_size:
+            self._fresh.append((ingested.after, sorted(new.values(), key=_stream_id)))
+        self.wake()
+
+    def _take_fresh(self) -> list[StoredEvent]:
+        """
+        The events right after the sorter's position held in memory, at most a batch;
+        nothing if the next events have to be read.
+        """
+        taken: list[StoredEvent] = []
+        fresh = self._fresh
+        while fresh and len(taken) < self._batch_size:
+            after, events = fresh[0]
+            if events[-1].stream_id <= self.position:  # routed already, read back
+                fresh.popleft()
+                continue
+            if after < self.position:  # partly routed: what is left follows on from it
+                after = self.position
+                events = [e for e in events if e.stream_id > after]
+            position = taken[-1].stream_id if taken else self.position
+            if after != position:
+                break  # something else lies in between: read it
+            room = self._batch_size - len(taken)
+            taken.extend(events[:room])
+            if len(events) > room:
+                fresh[0] = (events[room - 1].stream_id, events[room:])
+            else:
+                fresh.popleft()
+        return taken
 
     def caught_up(self) -> Deferred[None]:
         """Fires after a pass that began after this call found no more events."""
@@ -130,7 +180,9 @@ class EventSorter:
 
     async def sort_once(self) -> int:
         """Route one batch of events; how many were read."""
-        events = await self._source.events_after(self.position, self._batch_size)
+        events = self._take_fresh() or await self._source.events_after(
+            self.position, self._batch_size
+        )
         if not events:
             return 0
         aliases = await self._aliases(events)
@@ -172,3 +224,7 @@ class EventSorter:
         self._timer = None
         if self._running is not None:
             await self._running
+
+
+def _stream_id(event: StoredEvent) -> int:
+    return event.stream_id

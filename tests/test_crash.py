@@ -43,7 +43,7 @@ async def leave_state(db_url: str, reactor: Any, stage: str) -> None:
     try:
         await store.ensure_services(["a", "b"])
         events = prepare([event(n, sender=f"@{'a' if n % 2 else 'b'}_{n}:hs") for n in range(5)])
-        ids = await store.insert_events(events, 0.0)
+        ids = (await store.insert_events(events, 0.0)).stream_ids
         if stage == "submitted":
             return
         queue = [("a" if n % 2 else "b", ids[n]) for n in range(5)]

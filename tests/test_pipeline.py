@@ -8,7 +8,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest_twisted
+from twisted.internet.defer import gatherResults
 
+from delivery.events import prepare
 from delivery.store import open_store
 
 from .harness import event, make_service, registration
@@ -417,3 +419,70 @@ async def test_status_reports_the_oldest_pending_age(db_url, reactor, receiver):
         assert (status.queued_events, status.stored_transactions) == (1, 1)
     finally:
         await service.stopService()
+
+
+class CountingReads:
+    """A real store whose reads of the event stream are counted."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self.reads = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def events_after(self, position: int, limit: int) -> Any:
+        self.reads += 1
+        return self._store.events_after(position, limit)
+
+
+@pytest_twisted.ensureDeferred
+async def test_submitted_events_are_routed_without_reading_them_back(db_url, reactor, receiver):
+    store = CountingReads(open_store(db_url, reactor))
+    service, _, _ = make_service(store, [registration("a", receiver.url, users=".*")], reactor)
+    service.startService()
+    try:
+        await service.routed()
+        reads = store.reads
+        for n in range(0, 30, 10):
+            await service.submit([event(i) for i in range(n, n + 10)])
+            await receiver.wait_for_events(n + 10)
+        assert store.reads == reads
+        assert receiver.event_ids == [f"$e{n}" for n in range(30)]
+    finally:
+        await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_other_writers_and_duplicates_between_submits_lose_and_repeat_nothing(
+    db_url, reactor, receiver
+):
+    """
+    Events routed from memory and events read back mix: another writer's events between
+    this process's batches, repeated event ids, and more batches in flight than the sorter
+    keeps in memory (MAX_FRESH).
+    """
+    service, _, _ = started(db_url, reactor, [registration("a", receiver.url, users=".*")])
+    other = open_store(db_url, reactor)
+    try:
+        await service.started()
+        await other.open()
+        pending = []
+        for n in range(40):
+            batch = [event(1000 * n + i) for i in range(5)]
+            batch.append(batch[0])  # the same event twice in one batch
+            if n:
+                batch.append(event(1000 * (n - 1)))  # and again from the batch before
+            pending.append(service.submit(batch))
+            if n % 7 == 3:
+                pending.append(other.insert_events(prepare([event(500 + 1000 * n)]), 0.0))
+        await gatherResults(pending)
+        await service.routed()
+        stream = [s.event.event_id for s in await other.events_after(0, 1000)]
+        assert len(stream) == 40 * 5 + 6
+        await receiver.wait_for_events(len(stream))
+        assert receiver.event_ids == stream
+    finally:
+        await other.close()
+        await service.stopService()
+

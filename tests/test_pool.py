@@ -16,7 +16,7 @@ from .harness import event
 async def queue_events(store: Any, count: int) -> list[QueuedEvent]:
     await store.ensure_services(["a"])
     prepared = prepare([event(n) for n in range(count)])
-    ids = await store.insert_events(prepared, 0.0)
+    ids = (await store.insert_events(prepared, 0.0)).stream_ids
     await store.commit_sorted(ids[-1], [("a", i) for i in ids], ())
     return [QueuedEvent(i, e.json) for i, e in zip(ids, prepared, strict=True)]
 

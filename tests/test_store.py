@@ -8,10 +8,12 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet.defer import Deferred, DeferredList
 
 from delivery.errors import InvalidStoreURLError
 from delivery.events import prepare
-from delivery.store import SchemaTooNewError, SQLiteStore, open_store
+from delivery.records import Ingested
+from delivery.store import SchemaTooNewError, SQLiteStore, _sql, open_store
 from delivery.store._schema import SCHEMA_VERSION
 
 from .harness import event
@@ -73,8 +75,8 @@ async def test_a_database_from_a_newer_version_is_refused(tmp_path: Path, reacto
 async def test_insert_events_is_idempotent_on_event_id(store: Any) -> None:
     first = await store.insert_events(prepare([event(1), event(2)]), 10.0)
     again = await store.insert_events(prepare([event(3), event(2), event(3)]), 20.0)
-    assert first == [1, 2]
-    assert again == [3, 2, 3]
+    assert first == Ingested([1, 2], after=0)
+    assert again == Ingested([3, 2, 3], after=2)
     stored = await store.events_after(0, 10)
     assert [(s.stream_id, s.event.event_id, s.received_ts) for s in stored] == [
         (1, "$e1", 10.0),
@@ -86,7 +88,7 @@ async def test_insert_events_is_idempotent_on_event_id(store: Any) -> None:
 @pytest_twisted.ensureDeferred
 async def test_sorting_and_cutting_keep_the_queue_consistent(store: Any) -> None:
     await store.ensure_services(["a"])
-    ids = await store.insert_events(prepare([event(n) for n in range(5)]), 0.0)
+    ids = (await store.insert_events(prepare([event(n) for n in range(5)]), 0.0)).stream_ids
     await store.commit_sorted(ids[-1], [("a", i) for i in ids], ())
     assert await store.sorter_position() == 5
     queued = await store.queued("a", 0, 3)
@@ -109,7 +111,7 @@ async def test_sorting_and_cutting_keep_the_queue_consistent(store: Any) -> None
 @pytest_twisted.ensureDeferred
 async def test_failures_are_recorded_on_the_transaction_and_the_service(store: Any) -> None:
     await store.ensure_services(["a"])
-    ids = await store.insert_events(prepare([event(1)]), 0.0)
+    ids = (await store.insert_events(prepare([event(1)]), 0.0)).stream_ids
     await store.commit_sorted(ids[-1], [("a", ids[0])], ())
     await store.store_transaction("a", 1, 1, 1, b"body", 1.0)
     await store.record_failure("a", 1, 5.0, "HTTP 500", 1, 6.0)
@@ -128,3 +130,47 @@ async def test_failures_are_recorded_on_the_transaction_and_the_service(store: A
         9.0,
         "connection refused",
     )
+
+
+@pytest_twisted.ensureDeferred
+async def test_sqlite_operations_asked_together_commit_together_and_fail_alone(
+    tmp_path: Path, reactor: Any
+) -> None:
+    """Group commit: one transaction for what waits, a savepoint for each operation."""
+    store = SQLiteStore(str(tmp_path / "group.db"), reactor)
+    await store.open()
+
+    def fails_halfway(service_id: str) -> Any:
+        yield _sql.Query("INSERT INTO services (service_id, state) VALUES (?, 'up')", (service_id,))
+        raise ValueError("halfway")
+
+    try:
+        # Asked for in one turn of the reactor: one group, one transaction.
+        asked: list[Deferred[Any]] = [
+            store.ensure_services(["a"]),
+            store.insert_events(prepare([event(1)]), 0.0),
+            store._run(fails_halfway, "b"),
+            store.insert_events(prepare([event(2)]), 0.0),
+            store.ensure_services(["c"]),
+        ]
+        outcomes: list[tuple[bool, Any]] = await DeferredList(asked, consumeErrors=True)
+        assert [ok for ok, _ in outcomes] == [True, True, False, True, True]
+        assert outcomes[2][1].check(ValueError)
+        assert sorted(await store.services()) == ["a", "c"]
+        assert [s.event.event_id for s in await store.events_after(0, 10)] == ["$e1", "$e2"]
+    finally:
+        await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_values_that_array_literals_must_escape_come_back_as_given(store: Any) -> None:
+    awkward = ['a"b', "c\\d", "NULL", "x,y}{", "é\n'\t", " ", '\\"\\\\']
+    events = [
+        {"event_id": f"${text}", "sender": text, "room_id": text, "type": text, "state_key": ""}
+        for text in awkward
+    ]
+    prepared = prepare(events)
+    await store.insert_events(prepared, 1.5)
+    stored = await store.events_after(0, 100)
+    assert [s.event for s in stored] == prepared
+    assert [s.received_ts for s in stored] == [1.5] * len(awkward)

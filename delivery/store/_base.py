@@ -10,6 +10,7 @@ from twisted.internet.defer import Deferred
 from ..events import Event, StoredEvent
 from ..records import (
     DeadLetter,
+    Ingested,
     QueuedEvent,
     ServiceRecord,
     ServiceSummary,
@@ -35,7 +36,7 @@ class GeneratorStore:
     def on_new_events(self, callback: Callable[[], None]) -> None:
         """Only PostgreSQL can tell of other processes' events; elsewhere nothing to do."""
 
-    def insert_events(self, events: Sequence[Event], now: float) -> Deferred[list[int]]:
+    def insert_events(self, events: Sequence[Event], now: float) -> Deferred[Ingested]:
         return self._run(_sql.insert_events, events, now)
 
     def events_after(self, position: int, limit: int) -> Deferred[Sequence[StoredEvent]]:

@@ -18,6 +18,7 @@ from ..events import Event, StoredEvent, transaction_body
 from ..interest import RoutingFields
 from ..records import (
     DeadLetter,
+    Ingested,
     QueuedEvent,
     ServiceRecord,
     ServiceSummary,
@@ -109,10 +110,11 @@ def migrate(dialect: Dialect) -> Steps[None]:
 # -- events and sorting --
 
 
-def insert_events(events: Sequence[Event], now: float) -> Steps[list[int]]:
+def insert_events(events: Sequence[Event], now: float) -> Steps[Ingested]:
     # Stream ids are given out and committed in one order: the sorter never finds a lower
     # id committed after a higher one it has routed already.
     yield Lock(INGEST_LOCK)
+    (after,) = yield Query("SELECT coalesce(max(stream_id), 0) FROM events", fetch="one")
     yield Insert(
         "events",
         _EVENT_COLUMNS,
@@ -126,7 +128,7 @@ def insert_events(events: Sequence[Event], now: float) -> Steps[list[int]]:
     )
     ids = yield from _stream_ids(list(dict.fromkeys(e.event_id for e in events)))
     yield Notify(EVENTS_CHANNEL)
-    return [ids[e.event_id] for e in events]
+    return Ingested([ids[e.event_id] for e in events], after)
 
 
 def _events(rows: Sequence[Sequence[Any]]) -> list[StoredEvent]:
