@@ -155,6 +155,10 @@ class ServiceHandle:
     loop: Deferred[None] | None = None
     #: the request in flight, while there is one
     in_flight: Deferred[SendResult] | None = None
+    #: the deletion of the last transaction answered 2xx, while it is being committed
+    completing: Deferred[None] | None = None
+    #: recovering, every stored transaction has been resent: only new ones are cut
+    replayed: bool = False
     #: events arrived since the loop last looked
     wanted: bool = False
     retry_call: IDelayedCall | None = None

@@ -136,6 +136,7 @@ class Recoverer:
     def enter_recovering(self, handle: ServiceHandle, old: State) -> None:
         self._cancel_timers(handle)
         handle.next_retry_ts = None
+        handle.replayed = False
         log.info("{service} is RECOVERING: resending stored transactions", service=handle.id)
         self._persist(handle, State.RECOVERING)
         self._observers.state_changed(handle.id, str(old), str(State.RECOVERING), None)
@@ -182,12 +183,18 @@ class Recoverer:
     # -- what recovery sends --
 
     async def next_transaction(self, handle: ServiceHandle) -> StoredTransaction | None:
-        """The oldest stored transaction, else a full batch cut from the queue, else None."""
-        await handle.recorded()  # its attempts, as the last failure recorded them
-        txn = await self._store.oldest_transaction(handle.id)
-        if txn is None:
-            txn = await self._maker.cut(handle, full_only=True)
-        return txn
+        """
+        The oldest stored transaction, else a full batch cut from the queue, else None.
+        Once none is stored, none is looked for again while the service stays RECOVERING:
+        only this loop stores transactions for it meanwhile, and sends them itself.
+        """
+        if not handle.replayed:
+            await handle.recorded()  # its attempts, as the last failure recorded them
+            txn = await self._store.oldest_transaction(handle.id)
+            if txn is not None:
+                return txn
+            handle.replayed = True
+        return await self._maker.cut(handle, full_only=True)
 
     # -- ending the wait --
 

@@ -3,9 +3,11 @@ The TransactionMaker: cuts each service's pending events into numbered transacti
 stores each one (id and exact body) before sending it, and forgets it only after a 2xx.
 
 Each service has at most one loop, and so at most one request in flight: transactions
-reach a receiver in order. The loop sends while the service is UP; while it is RECOVERING
-it sends what the Recoverer hands it; when a send fails the service goes DOWN and the loop
-ends until the Recoverer starts it again.
+reach a receiver in order. A transaction answered 2xx is deleted while the next one is
+cut and stored; the next is sent only once that deletion has committed, so a crash never
+resends an older transaction after a newer one reached the receiver. The loop sends while
+the service is UP; while it is RECOVERING it sends what the Recoverer hands it; when a
+send fails the service goes DOWN and the loop ends until the Recoverer starts it again.
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ class TransactionMaker:
                 txn: StoredTransaction | None
                 if handle.state is State.RECOVERING:
                     assert self.recoverer is not None
+                    if not handle.replayed:  # else it may still be the oldest stored
+                        await self._completed(handle)
                     txn = await self.recoverer.next_transaction(handle)
                     if txn is None:
                         handle.machine.caught_up()
@@ -71,6 +75,8 @@ class TransactionMaker:
                     handle.wanted = False
                     txn = await self.cut(handle)
                     if txn is None:
+                        # Events that come while the last deletion commits are looked for.
+                        await self._completed(handle)
                         if handle.wanted:
                             continue
                         break
@@ -78,11 +84,15 @@ class TransactionMaker:
                     break
                 if not await self.deliver(handle, txn):
                     break
+            await self._completed(handle)
         except Exception:
             crashed = True
             self._crashed(handle, Failure())
         finally:
             handle.loop = None
+            if handle.completing is not None:  # the loop crashed first: recovery resends it
+                handle.completing.addErrback(lambda _: None)
+                handle.completing = None
         if (
             not crashed
             and handle.state is State.RECOVERING
@@ -142,6 +152,9 @@ class TransactionMaker:
         to set the events refused aside as dead letters, and send the rest; for anything
         else mark the service DOWN (or DISABLED, for 410) and return False.
         """
+        # The one answered before it is forgotten first: after a crash the oldest stored
+        # transaction is resent, and it must not be older than one the receiver has seen.
+        await self._completed(handle)
         if self._stopped or handle.retired:
             return False
         handle.in_flight = handle.sender.send(txn)
@@ -152,8 +165,7 @@ class TransactionMaker:
         if self._stopped or handle.retired:
             return False
         if result.ok:
-            await self._store.complete_transaction(handle.id, txn.txn_id, self._clock.seconds())
-            self._observers.transaction_done(handle.id, txn, result)
+            handle.completing = Deferred.fromCoroutine(self._complete(handle, txn, result))
             return True
         options = handle.registration.options
         action = options.action_for(result.status)
@@ -167,6 +179,20 @@ class TransactionMaker:
         else:
             handle.machine.failed(result, txn)
         return False
+
+    async def _complete(
+        self, handle: ServiceHandle, txn: StoredTransaction, result: SendResult
+    ) -> None:
+        """Delete a transaction answered 2xx, after the one before it (in the background)."""
+        await self._completed(handle)
+        await self._store.complete_transaction(handle.id, txn.txn_id, self._clock.seconds())
+        self._observers.transaction_done(handle.id, txn, result)
+
+    async def _completed(self, handle: ServiceHandle) -> None:
+        """Wait for the deletion of the last transaction answered 2xx; raise if it failed."""
+        completing, handle.completing = handle.completing, None
+        if completing is not None:
+            await completing
 
     async def _divide(
         self, handle: ServiceHandle, txn: StoredTransaction, result: SendResult, bisecting: bool

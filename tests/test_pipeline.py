@@ -8,13 +8,17 @@ from __future__ import annotations
 from typing import Any
 
 import pytest_twisted
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import Deferred, gatherResults
+from zope.interface import implementer
 
+from delivery._interfaces import ISender
 from delivery.events import prepare
+from delivery.matrix import ConnectionPool, MatrixSender
 from delivery.store import open_store
 
 from .harness import event, make_service, registration
 from .receiver import start_receiver, stop_receiver
+from .waiting import Conditions
 
 
 def started(db_url: str, reactor: Any, regs: list[Any], **kwargs: Any) -> Any:
@@ -486,3 +490,84 @@ async def test_other_writers_and_duplicates_between_submits_lose_and_repeat_noth
         await other.close()
         await service.stopService()
 
+
+class HeldDeletions:
+    """A real store that holds the deletion of each transaction answered 2xx until told."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self.changes = Conditions()
+        self.held: list[Deferred[None]] = []
+        self.stored: list[int] = []  # transaction ids, as their store committed
+        self.forgotten: list[int] = []  # transaction ids, as their deletion committed
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def store_transaction(self, *args: Any) -> Any:
+        return self._store.store_transaction(*args).addCallback(self._stored)
+
+    def _stored(self, txn_id: int) -> int:
+        self.stored.append(txn_id)
+        self.changes.check()
+        return txn_id
+
+    def complete_transaction(self, service_id: str, txn_id: int, now: float) -> Any:
+        gate: Deferred[None] = Deferred()
+        self.held.append(gate)
+        self.changes.check()
+        gate.addCallback(lambda _: self._store.complete_transaction(service_id, txn_id, now))
+        gate.addCallback(lambda _: self.forgotten.append(txn_id))
+        return gate
+
+
+@implementer(ISender)
+class Watched:
+    """The Matrix sender, noting which deletions had committed as each send began."""
+
+    def __init__(self, sender: MatrixSender, store: HeldDeletions) -> None:
+        self._sender = sender
+        self._store = store
+        self.sends: list[tuple[int, list[int]]] = []
+
+    def send(self, txn: Any) -> Any:
+        self.sends.append((txn.txn_id, list(self._store.forgotten)))
+        return self._sender.send(txn)
+
+    def ping(self) -> Any:
+        return self._sender.ping()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_next_transaction_is_sent_once_the_last_one_is_forgotten(
+    db_url, reactor, receiver
+):
+    """
+    The next transaction is cut and stored while the last one answered 2xx is deleted,
+    but sent only after that deletion committed: a crash in between resends the older one
+    first, never after the newer one reached the receiver.
+    """
+    store = HeldDeletions(open_store(db_url, reactor))
+    reg = registration("a", receiver.url, users=".*")
+    connections = ConnectionPool(reactor)
+    sender = Watched(MatrixSender(reg, connections, reactor), store)
+    service, _, _ = make_service(store, [reg], reactor, senders={"a": sender})
+    service.startService()
+    try:
+        receiver.then(hang=True)
+        await service.submit([event(1)])
+        await receiver.wait_for_requests(1)
+        await service.submit([event(2)])
+        await service.routed()  # waiting in the pool as the answer to txn 1 comes
+        receiver.finish_held()
+        await store.changes.wait_for(lambda: len(store.stored) == 2 and len(store.held) == 1)
+        store.held[0].callback(None)
+        await receiver.wait_for_events(2)
+        assert sender.sends == [(1, []), (2, [1])]
+        assert [r.txn_id for r in receiver.requests] == ["1", "2"]
+    finally:
+        for gate in store.held:
+            if not gate.called:
+                gate.callback(None)
+        await service.stopService()
+        await connections.close()

@@ -174,3 +174,32 @@ async def test_a_registration_can_choose_what_an_answer_means(db_url, reactor, r
         assert (await service.dead_letters("a")) == []
     finally:
         await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_enabled_after_a_recovery_the_stored_transaction_still_goes_first(
+    db_url, reactor, receiver
+):
+    """A recovery that replayed everything, then 410: enabling replays again, in order."""
+    receiver.then(503)
+    service, recorder, _clock = started(db_url, reactor, url=receiver.url)
+    try:
+        down = recorder.wait_for_state("a", "down")
+        await service.submit([event(1)])
+        await down
+        up = recorder.wait_for_state("a", "up")
+        await service.retry_now("a")  # recovers: $e1 again, then nothing more is stored
+        await up
+        receiver.then(410)
+        disabled = recorder.wait_for_state("a", "disabled")
+        await service.submit([event(2)])
+        await disabled
+        await service.submit([event(3)])
+        await service.routed()
+        up = recorder.wait_for_state("a", "up")
+        await service.enable("a")
+        await up
+        await recorder.wait_for(lambda: receiver.event_ids == ["$e1", "$e2", "$e3"])
+        assert [r.txn_id for r in receiver.requests] == ["1", "1", "2", "2", "3"]
+    finally:
+        await service.stopService()
