@@ -32,6 +32,9 @@ setup(
             "aiohttp>=3.9",
             "schemathesis>=4",
             "jsonschema>=4.18",
+            "matplotlib>=3.8",
         ],
+        # scripts/bench --plot
+        "bench": ["matplotlib>=3.8"],
     },
 )

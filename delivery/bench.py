@@ -2,26 +2,43 @@
 Benchmarks: named scenarios, each against a receiver in a process of its own
 (:mod:`delivery.bench_receiver`), every scenario run several times.
 
-    python -m delivery.bench [SCENARIO ...] [--quick] [--runs 3] [--events N]
-                             [--json out.json] [--postgres URL]
+    python -m delivery.bench [SCENARIO ...] [--quick] [--runs N] [--events N]
+                             [--json out.json] [--plot out.png] [--postgres URL]
 
-Prints one row per measure: the median of the runs, their min-max, the unit and the ratio
-to ``raw`` (measured in the same invocation; ``raw`` is always run first). Scenarios:
+Prints one row per measure: the median of the runs (3, or 1 with ``--quick``), their
+min-max, the unit and the ratio to ``raw`` (measured in the same invocation; ``raw`` is
+always run first). ``--quick`` runs every scenario small, in well under a minute (CI does).
+Scenarios (full size):
 
 - ``raw``: the baseline, no pipeline: a plain loop that runs, per batch of 100 events,
   the SQLite statements the pipeline runs (insert the events; the queue rows and the
   sorter position; store the transaction; delete it after the answer) and sends the
   pre-encoded bodies with treq over one persistent connection; events/s end to end.
-- ``throughput-sqlite``: ``DeliveryService.submit`` in batches of 100 on SQLite, one
-  service; events/s from the first submit to the last event at the receiver.
+- ``throughput-sqlite``: 200,000 events through ``DeliveryService.submit`` in batches of
+  100 on SQLite, one service; events/s from the first submit to the last event at the
+  receiver. The producer keeps up to 4 batches submitted and not yet committed (as the
+  load process of ``ingest-http`` keeps 4 requests in flight); so does every scenario
+  that submits in batches of 100.
 - ``throughput-postgres``: the same on PostgreSQL, in a scratch database.
-- ``latency``: 1,000 events/s offered in batches of 10 on SQLite; p50 and p99 of the
-  time from submit to the receiver, in ms.
+- ``ingest-http``: the same through the daemon's ``POST /v1/events``, offered by a load
+  process (:mod:`delivery.bench_load`, 4 requests in flight); end to end, and as accepted.
+- ``fanout``: 20,000 events, each wanted by 10 of 100 services (each with a port of the
+  receiver of its own); deliveries/s.
+- ``latency``: 1,000 events/s offered in batches of 10 for 10 s on SQLite, poll interval
+  1 s; p50 and p99 of the time from submit to the receiver, in ms.
+- ``recovery``: the receiver answers 503 while 100,000 events queue, 30 s in all, then 200
+  again: seconds until the first transaction arrives (probes come every 5 s), and how fast
+  the backlog drains (events/s from the first arrival to the last).
+- ``backlog-memory``: a process of its own queues 1,000,000 events for a DOWN service:
+  its peak resident memory, and how much it grew from a tenth of them to all.
+- ``many-services``: the EventSorter alone routes 200,000 stored events for 1,000
+  registrations (each event wanted by one); events/s.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sqlite3
@@ -30,8 +47,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -40,11 +58,16 @@ import attrs
 import treq
 from twisted.internet import task
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.utils import getProcessOutputAndValue
 
+from .daemon import Daemon
 from .events import Event, prepare, transaction_body
+from .interest import InterestIndex
 from .matrix import ConnectionPool
+from .pool import EventPool
 from .registration import Registration
 from .service import DeliveryService
+from .sorter import EventSorter
 from .store import _sql, open_store
 from .store._schema import SQLITE
 from .store.sqlite import _setup, drive
@@ -53,6 +76,7 @@ T = TypeVar("T")
 
 SERVICE_ID = "bench"
 HS_TOKEN = "bench-hs-token"
+INGEST_TOKEN = "bench-ingest-token"
 BATCH = 100
 TXN_PATH = "/_matrix/app/v1/transactions/"
 HEADERS: dict[bytes | str, bytes | str] = {
@@ -68,12 +92,42 @@ DEFAULT_POSTGRES = os.environ.get(
 class Config:
     """How big and how many: the same for every scenario of one invocation."""
 
+    #: events of raw, the throughput scenarios and ingest-http
     events: int
     runs: int
     latency_seconds: float
     latency_rate: int
     postgres: str
     workdir: Path
+    #: events of fanout (each goes to 10 services)
+    fanout_events: int = 20_000
+    #: how long the receiver of recovery is down, and how many events queue meanwhile
+    down_seconds: float = 30.0
+    recovery_events: int = 100_000
+    #: events queued for a DOWN service in backlog-memory
+    backlog_events: int = 1_000_000
+    #: events routed by the sorter alone in many-services
+    routed_events: int = 200_000
+    progress: Progress | None = None
+
+    @classmethod
+    def sized(cls, quick: bool, **given: Any) -> Config:
+        """Full size, or every scenario small (``quick``); ``given`` sizes win."""
+        sizes: dict[str, Any] = (
+            {
+                "events": 5_000,
+                "latency_seconds": 2.0,
+                "fanout_events": 1_000,
+                "down_seconds": 2.0,
+                "recovery_events": 5_000,
+                "backlog_events": 20_000,
+                "routed_events": 10_000,
+            }
+            if quick
+            else {"events": 200_000, "latency_seconds": 10.0}
+        )
+        sizes.update({k: v for k, v in given.items() if v is not None})
+        return cls(latency_rate=1000, **sizes)
 
 
 @attrs.frozen
@@ -85,28 +139,105 @@ class Measure:
     unit: str
 
 
+@attrs.define
+class Series:
+    """What a run saw over time, for ``--plot``: arrivals at the receiver and latencies."""
+
+    #: (seconds since the run's start, events in that transaction)
+    arrivals: list[tuple[float, int]] = attrs.Factory(list)
+    latencies_ms: list[float] = attrs.Factory(list)
+
+    @classmethod
+    def of(cls, stats: dict[str, Any], start: float, latencies: bool = False) -> Series:
+        return cls(
+            [(t - start, n) for t, n in stats["arrivals"]],
+            [1000 * s for s in stats["latencies"]] if latencies else [],
+        )
+
+
+@attrs.define
+class Run:
+    """The measures of one run of a scenario, and its series."""
+
+    measures: list[Measure]
+    series: Series = attrs.Factory(Series)
+
+
+class Progress:
+    """
+    One line on standard error, redrawn in place when it is a terminal (a progress bar);
+    otherwise only what is finished is printed.
+    """
+
+    def __init__(self, stream: Any = None) -> None:
+        self._stream = stream if stream is not None else sys.stderr
+        self._live = self._stream.isatty()
+        self._label = ""
+        self._drawn = 0.0
+
+    def begin(self, label: str) -> None:
+        self._label = label
+        self._drawn = 0.0
+        self.update(0, 1)
+
+    def update(self, done: float, total: float) -> None:
+        now = time.monotonic()
+        if not self._live or (now - self._drawn < 0.2 and done < total):
+            return
+        self._drawn = now
+        share = min(1.0, done / total) if total else 1.0
+        bar = "#" * int(30 * share)
+        self._stream.write(f"\r  {self._label} [{bar:<30}] {100 * share:3.0f}%")
+        self._stream.flush()
+
+    def end(self, line: str) -> None:
+        if self._live:
+            self._stream.write("\r\033[K")
+        self._stream.write(f"  {line}\n")
+        self._stream.flush()
+
+
 # -- the receiver process --
 
 
 class Receiver:
     """The benchmark receiver, in its own process, and how to ask it what arrived."""
 
-    def __init__(self, process: subprocess.Popen[str], port: int) -> None:
+    def __init__(self, process: subprocess.Popen[str], ports: list[int]) -> None:
         self._process = process
-        self.url = f"http://127.0.0.1:{port}"
+        self.urls = [f"http://127.0.0.1:{port}" for port in ports]
+        self.url = self.urls[0]
 
     @classmethod
-    def start(cls) -> Receiver:
+    def start(cls, ports: int = 1) -> Receiver:
         process = subprocess.Popen(
-            [sys.executable, str(Path(__file__).with_name("bench_receiver.py"))],
+            [
+                sys.executable,
+                str(Path(__file__).with_name("bench_receiver.py")),
+                "--ports",
+                str(ports),
+            ],
             stdout=subprocess.PIPE,
             text=True,
         )
         assert process.stdout is not None
-        return cls(process, int(json.loads(process.stdout.readline())["port"]))
+        return cls(process, json.loads(process.stdout.readline())["ports"])
+
+    async def _post(self, path: str) -> None:
+        await (await treq.post(f"{self.url}{path}")).content()
 
     async def reset(self) -> None:
-        await (await treq.post(f"{self.url}/reset")).content()
+        await self._post("/reset")
+
+    async def down(self) -> None:
+        """Answer 503 to everything from now on."""
+        await self._post("/down")
+
+    async def up(self) -> None:
+        await self._post("/up")
+
+    async def stats(self) -> dict[str, Any]:
+        return await self.wait_for(0)
 
     async def wait_for(self, count: int) -> dict[str, Any]:
         """The receiver's statistics, once ``count`` events have arrived."""
@@ -122,36 +253,63 @@ class Receiver:
 # -- workload --
 
 
-def registration(url: str) -> Registration:
-    return Registration.from_dict(
-        {
-            "id": SERVICE_ID,
-            "url": url,
-            "as_token": "bench-as-token",
-            "hs_token": HS_TOKEN,
-            "sender_localpart": "benchbot",
-            "namespaces": {"users": [{"regex": "@bench_.*", "exclusive": True}]},
-        }
-    )
+def registration(url: str, service_id: str = SERVICE_ID, **kinds: Any) -> Registration:
+    return Registration.from_dict(registration_dict(url, service_id, **kinds))
 
 
-def make_events(prefix: str, start: int, count: int) -> list[dict[str, Any]]:
-    """``count`` message events, stamped with the time they are made (``content.ts``)."""
+def registration_dict(
+    url: str,
+    service_id: str = SERVICE_ID,
+    users: str | None = "@bench_.*",
+    rooms: str | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """A registration as its YAML file holds it; ``options`` are ours (``delivery:``)."""
+    namespaces: dict[str, Any] = {}
+    if users is not None:
+        namespaces["users"] = [{"regex": users, "exclusive": True}]
+    if rooms is not None:
+        namespaces["rooms"] = [{"regex": rooms, "exclusive": False}]
+    data: dict[str, Any] = {
+        "id": service_id,
+        "url": url,
+        "as_token": "bench-as-token",
+        "hs_token": HS_TOKEN,
+        "sender_localpart": "benchbot",
+        "namespaces": namespaces,
+    }
+    if options:
+        data["delivery"] = options
+    return data
+
+
+def make_events(
+    prefix: str, start: int, count: int, rooms: int = 0, senders: int = 0
+) -> list[dict[str, Any]]:
+    """
+    ``count`` message events, stamped with the time they are made (``content.ts``); in
+    ``rooms`` rooms (``!room<i % rooms>``) or one, from ``senders`` bridged users
+    (``@bridge<i % senders>_<i>``) or one.
+    """
     now = time.time()
     return [
         {
             "event_id": f"${prefix}-{i}",
             "type": "m.room.message",
-            "room_id": "!bench:example.org",
-            "sender": "@bench_user:example.org",
+            "room_id": f"!room{i % rooms}:example.org" if rooms else "!bench:example.org",
+            "sender": (
+                f"@bridge{i % senders}_{i}:example.org" if senders else "@bench_user:example.org"
+            ),
             "content": {"msgtype": "m.text", "body": f"benchmark message {i}", "ts": now},
         }
         for i in range(start, start + count)
     ]
 
 
-def batches(prefix: str, total: int, size: int) -> list[list[dict[str, Any]]]:
-    return [make_events(prefix, i, min(size, total - i)) for i in range(0, total, size)]
+def batches(prefix: str, total: int, size: int, **kinds: int) -> Iterator[list[dict[str, Any]]]:
+    """The events, made a batch at a time (a million at once would weigh on memory)."""
+    for i in range(0, total, size):
+        yield make_events(prefix, i, min(size, total - i), **kinds)
 
 
 @contextmanager
@@ -173,6 +331,46 @@ def scratch_postgres(base_url: str, name: str) -> Iterator[str]:
         yield urlunsplit(urlsplit(base_url)._replace(path=f"/{name}"))
     finally:
         admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@asynccontextmanager
+async def running(
+    reactor: Any, store_url: str, registrations: list[Registration], **kwargs: Any
+) -> AsyncIterator[DeliveryService]:
+    service = DeliveryService(
+        open_store(store_url, reactor), registrations, reactor=reactor, **kwargs
+    )
+    service.startService()
+    try:
+        await service.started()
+        yield service
+    finally:
+        await service.stopService()
+
+
+#: batches a producer has submitted and not yet seen committed, at most (as the load
+#: process of ingest-http keeps requests in flight)
+IN_FLIGHT = 4
+
+
+async def submit_all(
+    service: DeliveryService, work: Iterable[list[dict[str, Any]]], total: int, config: Config
+) -> None:
+    """Submit batch after batch, with at most IN_FLIGHT of them not committed yet."""
+    done = 0
+    pending: deque[Deferred[list[int]]] = deque()
+    for batch in work:
+        if len(pending) == IN_FLIGHT:
+            await pending.popleft()
+        pending.append(service.submit(batch))
+        done += len(batch)
+        if config.progress is not None:
+            config.progress.update(done, total)
+    await gatherResults(pending)
+
+
+def sqlite_url(config: Config, name: str) -> str:
+    return f"sqlite:///{config.workdir / name}.db"
 
 
 # -- scenarios --
@@ -207,7 +405,7 @@ async def deliver_raw(
     """One batch through the statements of the pipeline and over the wire."""
     body = transaction_body([e.json for e in events])
     now = time.time()
-    ids = store.run(_sql.insert_events, events, now)
+    ids = store.run(_sql.insert_events, events, now).stream_ids
     store.run(_sql.commit_sorted, ids[-1], [(SERVICE_ID, i) for i in ids], ())
     txn_id = store.run(_sql.store_transaction, SERVICE_ID, ids[0], ids[-1], len(ids), body, now)
     response = await client.put(
@@ -221,53 +419,124 @@ async def deliver_raw(
     store.run(_sql.complete_transaction, SERVICE_ID, txn_id, time.time())
 
 
-async def raw(reactor: Any, config: Config, receiver: Receiver, run: int) -> list[Measure]:
+async def raw(reactor: Any, config: Config, receiver: Receiver, run: int) -> Run:
     prepared = [prepare(b) for b in batches(f"raw{run}", config.events, BATCH)]
     store = RawStore(config.workdir / f"raw-{run}.db")
     connections = ConnectionPool(reactor, max_per_host=1)
     client = connections.client(connect_timeout=10.0)
     try:
         start = time.time()
-        for events in prepared:
+        for n, events in enumerate(prepared):
             await deliver_raw(store, client, receiver.url, events)
+            if config.progress is not None:
+                config.progress.update(n + 1, len(prepared))
         stats = await receiver.wait_for(config.events)
     finally:
         store.close()
         await connections.close()
-    return [Measure("events/s", config.events / (stats["last_arrival"] - start), "events/s")]
+    rate = config.events / (stats["last_arrival"] - start)
+    return Run([Measure("events/s", rate, "events/s")], Series.of(stats, start))
 
 
 async def throughput(
     reactor: Any, config: Config, receiver: Receiver, store_url: str, run: int
-) -> list[Measure]:
-    work = batches(f"tp{run}", config.events, BATCH)
-    service = DeliveryService(
-        open_store(store_url, reactor), [registration(receiver.url)], reactor=reactor
-    )
-    service.startService()
-    try:
-        await service.started()
+) -> Run:
+    async with running(reactor, store_url, [registration(receiver.url)]) as service:
         start = time.time()
-        for batch in work:
-            await service.submit(batch)
+        await submit_all(service, batches(f"tp{run}", config.events, BATCH), config.events, config)
         stats = await receiver.wait_for(config.events)
-    finally:
-        await service.stopService()
-    return [Measure("events/s", config.events / (stats["last_arrival"] - start), "events/s")]
+    rate = config.events / (stats["last_arrival"] - start)
+    return Run([Measure("events/s", rate, "events/s")], Series.of(stats, start))
 
 
-async def throughput_sqlite(
-    reactor: Any, config: Config, receiver: Receiver, run: int
-) -> list[Measure]:
-    url = f"sqlite:///{config.workdir / f'tp-{run}.db'}"
-    return await throughput(reactor, config, receiver, url, run)
+async def throughput_sqlite(reactor: Any, config: Config, receiver: Receiver, run: int) -> Run:
+    return await throughput(reactor, config, receiver, sqlite_url(config, f"tp-{run}"), run)
 
 
-async def throughput_postgres(
-    reactor: Any, config: Config, receiver: Receiver, run: int
-) -> list[Measure]:
+async def throughput_postgres(reactor: Any, config: Config, receiver: Receiver, run: int) -> Run:
     with scratch_postgres(config.postgres, f"delivery_bench_{os.getpid()}_{run}") as url:
         return await throughput(reactor, config, receiver, url, run)
+
+
+async def ingest_http(reactor: Any, config: Config, receiver: Receiver, run: int) -> Run:
+    """The daemon in this process, offered events by a load process over its HTTP API."""
+    folder = config.workdir / f"http-{run}"
+    folder.mkdir()
+    (folder / "registration.yaml").write_text(json.dumps(registration_dict(receiver.url)))
+    (folder / "delivery.yaml").write_text(
+        json.dumps(
+            {
+                "database": "sqlite:///delivery.db",
+                "listen": "tcp:0:interface=127.0.0.1",
+                "ingest_token": INGEST_TOKEN,
+                "admin_token": "bench-admin-token",
+                "app_service_config_files": ["registration.yaml"],
+                "log": {"level": "warn"},
+            }
+        )
+    )
+    daemon = Daemon(folder / "delivery.yaml", reactor=reactor)
+    daemon.startService()
+    try:
+        assert daemon.web.listening is not None
+        port = (await daemon.web.listening).getHost().port  # type: ignore[attr-defined]
+        await daemon.delivery.started()
+        load = await load_process(
+            reactor, f"http://127.0.0.1:{port}", config.events, f"http{run}", config
+        )
+        stats = await receiver.wait_for(config.events)
+    finally:
+        await daemon.stopService()  # type: ignore[no-untyped-call]
+    start = load["started"]
+    return Run(
+        [
+            Measure("events/s", config.events / (stats["last_arrival"] - start), "events/s"),
+            Measure("accepted", config.events / (load["finished"] - start), "events/s"),
+        ],
+        Series.of(stats, start),
+    )
+
+
+async def load_process(
+    reactor: Any, url: str, events: int, prefix: str, config: Config
+) -> dict[str, Any]:
+    """Run :mod:`delivery.bench_load` against ``url`` to its end; what it reports."""
+    out, err, code = await getProcessOutputAndValue(
+        sys.executable,
+        [
+            str(Path(__file__).with_name("bench_load.py")),
+            *("--url", url, "--token", INGEST_TOKEN, "--events", str(events)),
+            *("--batch", str(BATCH), "--prefix", prefix),
+        ],
+        env=os.environ,
+        reactor=reactor,
+    )
+    if code != 0:
+        raise RuntimeError(f"the load process failed: {err.decode(errors='replace').strip()}")
+    report: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    return report
+
+
+#: services of fanout, and how many of them want each event
+FANOUT_SERVICES = 100
+FANOUT_WIDTH = 10
+
+
+async def fanout(reactor: Any, config: Config, receiver: Receiver, run: int) -> Run:
+    """Each event is wanted by 10 of 100 services (each with a receiver port of its own)."""
+    rooms = FANOUT_SERVICES // FANOUT_WIDTH
+    registrations = [
+        registration(url, f"fan{i}", users=None, rooms=rf"!room{i % rooms}:example\.org")
+        for i, url in enumerate(receiver.urls)
+    ]
+    total = config.fanout_events * FANOUT_WIDTH
+    async with running(reactor, sqlite_url(config, f"fan-{run}"), registrations) as service:
+        start = time.time()
+        work = batches(f"fan{run}", config.fanout_events, BATCH, rooms=rooms)
+        await submit_all(service, work, config.fanout_events, config)
+        stats = await receiver.wait_for(total)
+    rate = total / (stats["last_arrival"] - start)
+    return Run([Measure("deliveries/s", rate, "deliveries/s")], Series.of(stats, start))
 
 
 async def offer(reactor: Any, service: DeliveryService, total: int, rate: int) -> None:
@@ -287,31 +556,161 @@ def percentile(values: Sequence[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
-async def latency(reactor: Any, config: Config, receiver: Receiver, run: int) -> list[Measure]:
+async def latency(reactor: Any, config: Config, receiver: Receiver, run: int) -> Run:
     total = int(config.latency_rate * config.latency_seconds)
-    url = f"sqlite:///{config.workdir / f'lat-{run}.db'}"
-    service = DeliveryService(
-        open_store(url, reactor), [registration(receiver.url)], reactor=reactor, poll_interval=1.0
-    )
-    service.startService()
-    try:
-        await service.started()
+    url = sqlite_url(config, f"lat-{run}")
+    async with running(reactor, url, [registration(receiver.url)], poll_interval=1.0) as service:
+        start = time.time()
         await offer(reactor, service, total, config.latency_rate)
         stats = await receiver.wait_for(total)
+    series = Series.of(stats, start, latencies=True)
+    ms = series.latencies_ms
+    return Run(
+        [Measure("p50", percentile(ms, 50), "ms"), Measure("p99", percentile(ms, 99), "ms")], series
+    )
+
+
+async def recovery(reactor: Any, config: Config, receiver: Receiver, run: int) -> Run:
+    """
+    The receiver answers 503 while events queue for ``down_seconds``, then 200: how soon
+    the first transaction arrives after that (probes every 5 s), and how fast the backlog
+    drains.
+    """
+    await receiver.down()
+    url = sqlite_url(config, f"rec-{run}")
+    async with running(reactor, url, [registration(receiver.url)]) as service:
+        down = time.time()
+        work = batches(f"rec{run}", config.recovery_events, BATCH)
+        await submit_all(service, work, config.recovery_events, config)
+        await service.routed()
+        status = await service.status(SERVICE_ID)
+        if status.state != "down":
+            raise RuntimeError(f"the service should be down by now, not {status.state}")
+        await task.deferLater(reactor, max(0.0, down + config.down_seconds - time.time()))
+        back = time.time()
+        await receiver.up()
+        stats = await receiver.wait_for(config.recovery_events)
+    first = stats["first_arrival"]
+    drain = config.recovery_events / (stats["last_arrival"] - first)
+    return Run(
+        [
+            Measure("first txn after return", first - back, "s"),
+            Measure("drain", drain, "events/s"),
+        ],
+        Series.of(stats, back),
+    )
+
+
+async def backlog_memory(reactor: Any, config: Config, receiver: Receiver, run: int) -> Run:
+    """
+    A process of its own queues ``backlog_events`` for a service that is down, and reports
+    its resident memory after a tenth of them and after all, and at its peak.
+    """
+    await receiver.down()
+    out, err, code = await getProcessOutputAndValue(
+        sys.executable,
+        [
+            "-c",
+            "import sys; from delivery.bench import backlog_child; backlog_child(sys.argv[1:])",
+            sqlite_url(config, f"backlog-{run}"),
+            receiver.url,
+            str(config.backlog_events),
+        ],
+        env=os.environ,
+        reactor=reactor,
+    )
+    if code != 0:
+        raise RuntimeError(f"the backlog process failed: {err.decode(errors='replace')}")
+    rss = json.loads(out.decode().strip().splitlines()[-1])
+    return Run(
+        [
+            Measure("peak RSS", rss["peak"] / 2**20, "MB"),
+            Measure("RSS growth 10%->100%", (rss["all"] - rss["tenth"]) / 2**20, "MB"),
+        ]
+    )
+
+
+def _memory(field: str) -> int:
+    """This process's ``VmRSS`` or ``VmHWM`` (its peak), in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def backlog_child(argv: Sequence[str]) -> None:
+    """The process of ``backlog-memory``: prints its memory as one JSON line."""
+    store_url, url, total = argv[0], argv[1], int(argv[2])
+
+    async def queue(reactor: Any) -> None:
+        size = 1000
+        readings: dict[str, int] = {}
+        async with running(reactor, store_url, [registration(url)]) as service:
+            for i in range(0, total, size):
+                await service.submit(make_events("backlog", i, min(size, total - i)))
+                if i + size in (total // 10, total):
+                    await service.routed()
+                    gc.collect()
+                    readings["tenth" if i + size < total else "all"] = _memory("VmRSS")
+            status = await service.status(SERVICE_ID)
+            held = status.queued_events + BATCH * status.stored_transactions
+            if status.state != "down" or held < total:
+                raise RuntimeError(f"expected {total} events queued for a DOWN service: {status}")
+        print(json.dumps({**readings, "peak": _memory("VmHWM")}))
+
+    task.react(lambda reactor: Deferred.fromCoroutine(queue(reactor)))
+
+
+#: registrations of many-services
+MANY_SERVICES = 1000
+
+
+async def many_services(reactor: Any, config: Config, receiver: Receiver, run: int) -> Run:
+    """
+    The EventSorter alone routes stored events for 1,000 registrations (each event wanted
+    by one of them, from a user no other event has) into their queues.
+    """
+    registrations = [
+        registration(receiver.url, f"svc{i}", users=rf"@bridge{i}_.*:example\.org")
+        for i in range(MANY_SERVICES)
+    ]
+    store = open_store(sqlite_url(config, f"many-{run}"), reactor)
+    await store.open()
+    try:
+        await store.ensure_services([r.id for r in registrations])
+        for batch in batches(f"many{run}", config.routed_events, 1000, senders=MANY_SERVICES):
+            await store.insert_events(prepare(batch), time.time())
+        sorter = EventSorter(
+            store, InterestIndex(registrations), EventPool(store), reactor, poll_interval=3600
+        )
+        start = time.time()
+        sorter.start(0)
+        await sorter.caught_up()
+        elapsed = time.time() - start
+        await sorter.stop()
+        if sorter.position != config.routed_events:
+            raise RuntimeError(f"routed up to {sorter.position}, not {config.routed_events}")
     finally:
-        await service.stopService()
-    ms = [1000 * s for s in stats["latencies"]]
-    return [Measure("p50", percentile(ms, 50), "ms"), Measure("p99", percentile(ms, 99), "ms")]
+        await store.close()
+    return Run([Measure("events/s", config.routed_events / elapsed, "events/s")])
 
 
-Scenario = Callable[[Any, Config, Receiver, int], Awaitable[list[Measure]]]
+Scenario = Callable[[Any, Config, Receiver, int], Awaitable[Run]]
 
 SCENARIOS: dict[str, Scenario] = {
     "raw": raw,
     "throughput-sqlite": throughput_sqlite,
     "throughput-postgres": throughput_postgres,
+    "ingest-http": ingest_http,
+    "fanout": fanout,
     "latency": latency,
+    "recovery": recovery,
+    "backlog-memory": backlog_memory,
+    "many-services": many_services,
 }
+
+#: receiver ports a scenario needs (one unless said)
+PORTS = {"fanout": FANOUT_SERVICES}
 
 
 # -- running and reporting --
@@ -335,19 +734,27 @@ class Result:
         return statistics.median(self.values)
 
 
-async def run_scenario(reactor: Any, name: str, config: Config) -> list[Result]:
-    receiver = Receiver.start()
-    runs: list[list[Measure]] = []
+async def run_scenario(
+    reactor: Any, name: str, config: Config, series: dict[str, Series]
+) -> list[Result]:
+    """Every run of one scenario; keeps the series of its last run in ``series``."""
+    receiver = Receiver.start(PORTS.get(name, 1))
+    runs: list[Run] = []
     try:
-        for run in range(config.runs):
+        for n in range(config.runs):
             await receiver.reset()
-            runs.append(await SCENARIOS[name](reactor, config, receiver, run))
-            print(f"  {name} run {run + 1}: {format_measures(runs[-1])}", file=sys.stderr)
+            if config.progress is not None:
+                config.progress.begin(f"{name} run {n + 1}/{config.runs}")
+            runs.append(await SCENARIOS[name](reactor, config, receiver, n))
+            line = f"{name} run {n + 1}: {format_measures(runs[-1].measures)}"
+            if config.progress is not None:
+                config.progress.end(line)
     finally:
         receiver.stop()
+    series[name] = runs[-1].series
     return [
-        Result(name, first.name, first.unit, tuple(r[i].value for r in runs))
-        for i, first in enumerate(runs[0])
+        Result(name, first.name, first.unit, tuple(r.measures[i].value for r in runs))
+        for i, first in enumerate(runs[0].measures)
     ]
 
 
@@ -387,13 +794,21 @@ def table(results: list[Result], baseline: Result | None) -> str:
     )
 
 
-def report(results: list[Result], baseline: Result | None, config: Config) -> dict[str, Any]:
+def report(
+    results: list[Result], baseline: Result | None, config: Config, series: dict[str, Series]
+) -> dict[str, Any]:
     return {
+        "machine": machine(),
         "config": {
             "events": config.events,
             "runs": config.runs,
             "latency_seconds": config.latency_seconds,
             "latency_rate": config.latency_rate,
+            "fanout_events": config.fanout_events,
+            "down_seconds": config.down_seconds,
+            "recovery_events": config.recovery_events,
+            "backlog_events": config.backlog_events,
+            "routed_events": config.routed_events,
         },
         "results": [
             {
@@ -408,25 +823,56 @@ def report(results: list[Result], baseline: Result | None, config: Config) -> di
             }
             for r in results
         ],
+        "series": {name: attrs.asdict(s) for name, s in series.items()},
     }
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    import platform
+
+    return {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": _cpu_model(),
+        "sqlite": sqlite3.sqlite_version,
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
 
 
 async def bench(reactor: Any, options: argparse.Namespace) -> None:
     names = list(dict.fromkeys(["raw", *(options.scenarios or SCENARIOS)]))
+    series: dict[str, Series] = {}
     with tempfile.TemporaryDirectory(prefix="delivery-bench-") as workdir:
-        config = Config(
-            events=options.events or (5_000 if options.quick else 200_000),
-            runs=options.runs,
-            latency_seconds=options.latency_seconds or (2.0 if options.quick else 10.0),
-            latency_rate=1000,
+        config = Config.sized(
+            options.quick,
+            events=options.events,
+            runs=options.runs or (1 if options.quick else 3),
+            latency_seconds=options.latency_seconds,
             postgres=options.postgres,
             workdir=Path(workdir),
+            progress=Progress(),
         )
-        results = [r for name in names for r in await run_scenario(reactor, name, config)]
+        results = [r for name in names for r in await run_scenario(reactor, name, config, series)]
     baseline = results[0]
     print(table(results, baseline))
+    data = report(results, baseline, config, series)
     if options.json:
-        Path(options.json).write_text(json.dumps(report(results, baseline, config), indent=2))
+        Path(options.json).write_text(json.dumps(data, indent=2))
+    if options.plot:
+        from .bench_plot import plot
+
+        plot(data, options.plot)
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -435,10 +881,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "scenarios", nargs="*", metavar="SCENARIO", help=f"of {', '.join(SCENARIOS)} (default: all)"
     )
     parser.add_argument("--quick", action="store_true", help="every scenario small")
-    parser.add_argument("--runs", type=int, default=3, help="runs of each scenario")
+    parser.add_argument("--runs", type=int, help="runs of each scenario (3; 1 with --quick)")
     parser.add_argument("--events", type=int, help="events of raw and throughput scenarios")
     parser.add_argument("--latency-seconds", type=float, help="how long latency offers load")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument(
+        "--plot", help="draw throughput over time and latencies into this PNG (matplotlib)"
+    )
     parser.add_argument("--postgres", default=DEFAULT_POSTGRES, help="server for scratch DBs")
     options = parser.parse_args(argv)
     unknown = set(options.scenarios) - set(SCENARIOS)

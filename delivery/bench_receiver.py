@@ -3,16 +3,19 @@ The receiver of the benchmarks (``delivery.bench``), in a process of its own.
 
 Run as::
 
-    python -m delivery.bench_receiver
+    python -m delivery.bench_receiver [--ports N]
 
-It listens on a port of 127.0.0.1 and prints ``{"port": N}`` as one JSON line once it is
-listening. It answers:
+It listens on ``N`` ports of 127.0.0.1 (1 unless told; each like another receiver, for
+many services) and prints ``{"ports": [...]}`` as one JSON line once it is listening.
+What arrives at any port counts together. It answers:
 
 - ``PUT /_matrix/app/v1/transactions/{txnId}``: 200, after parsing the body with
   ``json.loads`` and noting, for every event, when it arrived (``time.time()``) and, if the
   event's content carries one, how long after its ``ts`` (the producer's ``time.time()``
   at submit) that was;
 - ``POST /_matrix/app/v1/ping``: 200;
+- both with 503 instead, without looking at the body, while it is down (``POST /down``,
+  until ``POST /up``);
 - ``GET /stats?count=N``: the statistics (see :meth:`Stats.as_json`) once at least ``N``
   events have arrived (at once without ``count``);
 - ``POST /reset``: forgets everything, for the next run.
@@ -35,13 +38,17 @@ TXN_PREFIX = b"/_matrix/app/v1/transactions/"
 
 
 class Stats:
-    """What arrived: counts, first and last arrival times, and the latencies carried."""
+    """
+    What arrived: counts, first and last arrival times, each transaction's arrival time and
+    size, and the latencies carried.
+    """
 
     def __init__(self) -> None:
         self.events = 0
         self.transactions = 0
         self.first_arrival: float | None = None
         self.last_arrival: float | None = None
+        self.arrivals: list[tuple[float, int]] = []
         self.latencies: list[float] = []
 
     def record(self, events: list[dict[str, Any]]) -> None:
@@ -51,6 +58,7 @@ class Stats:
         if self.first_arrival is None:
             self.first_arrival = now
         self.last_arrival = now
+        self.arrivals.append((now, len(events)))
         for event in events:
             content = event.get("content")
             if isinstance(content, dict) and isinstance(content.get("ts"), float):
@@ -63,6 +71,7 @@ class Stats:
                 "transactions": self.transactions,
                 "first_arrival": self.first_arrival,
                 "last_arrival": self.last_arrival,
+                "arrivals": self.arrivals,
                 "latencies": self.latencies,
             }
         ).encode()
@@ -78,8 +87,12 @@ class Endpoint(resource.Resource):
         self.stats = Stats()
         #: ``(count, request)`` of the ``GET /stats`` waiting for ``count`` events
         self._waiting: list[tuple[int, server.Request]] = []
+        self.down = False
 
     def render_PUT(self, request: server.Request) -> bytes:
+        if self.down:
+            request.setResponseCode(503)
+            return b'{"errcode":"M_UNKNOWN","error":"down for the benchmark"}'
         if not request.path.startswith(TXN_PREFIX) or request.content is None:
             request.setResponseCode(404)
             return b"{}"
@@ -90,6 +103,11 @@ class Endpoint(resource.Resource):
     def render_POST(self, request: server.Request) -> bytes:
         if request.path == b"/reset":
             self.stats = Stats()
+            self.down = False
+        elif request.path in (b"/down", b"/up"):
+            self.down = request.path == b"/down"
+        elif self.down:
+            request.setResponseCode(503)
         return b"{}"
 
     def render_GET(self, request: server.Request) -> bytes | int:
@@ -117,17 +135,20 @@ class QuietSite(server.Site):
         pass
 
 
-async def run(reactor: Any) -> None:
+async def run(reactor: Any, ports: int) -> None:
     site = QuietSite(Endpoint())  # type: ignore[no-untyped-call]
     site.noisy = False
-    port = reactor.listenTCP(0, site, interface="127.0.0.1").getHost().port
-    sys.stdout.write(json.dumps({"port": port}) + "\n")
+    numbers = [
+        reactor.listenTCP(0, site, interface="127.0.0.1").getHost().port for _ in range(ports)
+    ]
+    sys.stdout.write(json.dumps({"ports": numbers}) + "\n")
     sys.stdout.flush()
     await Deferred()  # serve until SIGTERM stops the reactor
 
 
 def main() -> None:
-    task.react(lambda reactor: Deferred.fromCoroutine(run(reactor)))
+    ports = int(sys.argv[sys.argv.index("--ports") + 1]) if "--ports" in sys.argv else 1
+    task.react(lambda reactor: Deferred.fromCoroutine(run(reactor, ports)))
 
 
 if __name__ == "__main__":
