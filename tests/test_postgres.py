@@ -18,6 +18,7 @@ from delivery.errors import InvalidStoreURLError, StoreUnavailableError
 from delivery.events import prepare
 from delivery.store import PostgresStore, SchemaTooNewError, open_store
 from delivery.store._schema import SCHEMA_VERSION
+from delivery.store import _sql
 from delivery.store._sql import INGEST_LOCK
 
 from .harness import event, make_service, registration
@@ -165,3 +166,45 @@ async def test_notify_wakes_the_sorter_of_another_process(
     finally:
         await other.close()
         await service.stopService()
+
+
+def _explained(steps: Any) -> Any:
+    """An operation that asks PostgreSQL how it would run ``steps``' first statement."""
+    query = next(steps)
+    plan = yield _sql.Query("EXPLAIN " + query.sql, query.params)
+    return "\n".join(line for (line,) in plan)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_long_queue_is_read_in_index_order_before_statistics_are_gathered(
+    postgres_url: str, sql: Any, reactor: Any
+) -> None:
+    """
+    A young database has no statistics: the planner reckons any range small, and chose a
+    bitmap scan that read a service's whole queue and sorted it for every window of
+    1,000 events (40 ms with 40,000 queued, growing with the queue). The store's reads
+    walk the index in order and stop at the limit.
+    """
+    store = open_store(postgres_url, reactor)
+    await store.open()
+    try:
+        with sql.cursor() as cursor:
+            for table in ("events", "service_queue"):
+                cursor.execute(f"ALTER TABLE {table} SET (autovacuum_enabled = false)")
+            cursor.execute(
+                "INSERT INTO events (event_id, json, received_ts)"
+                " SELECT 'e' || g, '{}', 0 FROM generate_series(1, 40000) g"
+            )
+            cursor.execute(
+                "INSERT INTO service_queue SELECT 'a', g FROM generate_series(1, 40000) g"
+            )
+            cursor.execute("SELECT reltuples FROM pg_class WHERE relname = 'service_queue'")
+            assert cursor.fetchone() == (-1,)  # never analyzed
+        sql.commit()
+        queue = await store._run(_explained, _sql.queued("a", 20000, 1000))
+        events = await store._run(_explained, _sql.events_after(20000, 1000))
+        for plan in (queue, events):
+            assert "Bitmap" not in plan and "Sort" not in plan, plan
+            assert "Index" in plan and "Limit" in plan, plan
+    finally:
+        await store.close()
