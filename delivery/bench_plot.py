@@ -177,12 +177,19 @@ def draw_latencies(ax: Axes, series: dict[str, dict[str, Any]], colors: dict[str
         nothing(ax, "no latencies recorded")
         return
     ax.set_xscale("log")
+    # plain numbers on the time axis (1, 2, 5, 10...), not powers of ten
+    ax.xaxis.set_major_formatter(lambda x, _: f"{x:g}")
+    ax.xaxis.set_minor_formatter(lambda x, _: f"{x:g}" if _leading_digit(x) in (2, 5) else "")
     ax.set_ylim(0, 1.02)
     ax.yaxis.set_major_formatter(lambda y, _: f"{y:.0%}")
     for share in (0.5, 0.99):
         ax.axhline(share, color="grey", linewidth=0.8, linestyle=":")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right", fontsize=9)
+
+
+def _leading_digit(x: float) -> int:
+    return round(x / 10 ** math.floor(math.log10(x))) if x > 0 else 0
 
 
 # -- the results --
