@@ -7,7 +7,9 @@ Benchmarks: named scenarios, each against a receiver in a process of its own
 
 Prints one row per measure: the median of the runs (3, or 1 with ``--quick``), their
 min-max, the unit and the ratio to ``raw`` (measured in the same invocation; ``raw`` is
-always run first). ``--quick`` runs every scenario small, in well under a minute (CI does).
+always run first), and writes every run's figures, the machine and the series to
+``--json`` (``bench.json`` unless told). ``--quick`` runs every scenario small, in well
+under a minute (CI does).
 Scenarios (full size):
 
 - ``raw``: the baseline, no pipeline: a plain loop that runs, per batch of 100 events,
@@ -867,8 +869,8 @@ async def bench(reactor: Any, options: argparse.Namespace) -> None:
     baseline = results[0]
     print(table(results, baseline))
     data = report(results, baseline, config, series)
-    if options.json:
-        Path(options.json).write_text(json.dumps(data, indent=2))
+    Path(options.json).write_text(json.dumps(data, indent=2))
+    print(f"every run's figures, the machine and the series: {options.json}")
     if options.plot:
         from .bench_plot import plot
 
@@ -884,7 +886,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, help="runs of each scenario (3; 1 with --quick)")
     parser.add_argument("--events", type=int, help="events of raw and throughput scenarios")
     parser.add_argument("--latency-seconds", type=float, help="how long latency offers load")
-    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument(
+        "--json", default="bench.json", help="write the results here (default: bench.json)"
+    )
     parser.add_argument(
         "--plot", help="draw throughput over time and latencies into this PNG (matplotlib)"
     )
@@ -893,6 +897,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     unknown = set(options.scenarios) - set(SCENARIOS)
     if unknown:
         parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    for flag, path in (("--json", options.json), ("--plot", options.plot)):
+        # found out now, not after minutes of benchmarks
+        folder = Path(path or ".").resolve().parent
+        if not (folder.is_dir() and os.access(folder, os.W_OK)):
+            parser.error(f"{flag} {path}: cannot write into {folder}")
     return options
 
 
