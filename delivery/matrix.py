@@ -10,6 +10,7 @@ transaction's sending together when transactions are small and many.
 from __future__ import annotations
 
 import email.utils
+import sys
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
 
@@ -132,13 +133,20 @@ class _QuietFactory(_HTTP11ClientFactory):
 
 
 class ConnectionPool:
-    """One persistent HTTP connection pool shared by the senders of every service."""
+    """
+    One persistent HTTP connection pool shared by the senders of every service.
 
-    def __init__(self, reactor: Any, max_per_host: int = 4) -> None:
+    By default it keeps every connection a request leaves idle: a service has one request
+    in flight at a time, so that is a connection per service at most, and services behind
+    one host and port (several bridges on one address) keep theirs instead of connecting
+    anew for each transaction. Idle connections close after Twisted's four minutes.
+    """
+
+    def __init__(self, reactor: Any, max_per_host: int | None = None) -> None:
         self.reactor = reactor
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool._factory = _QuietFactory  # no "Starting factory" line per connection
-        self.pool.maxPersistentPerHost = max_per_host
+        self.pool.maxPersistentPerHost = sys.maxsize if max_per_host is None else max_per_host
         self.pool.retryAutomatically = False
         self._jar = CookieJar(DefaultCookiePolicy(allowed_domains=[]))
 

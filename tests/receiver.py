@@ -63,6 +63,8 @@ class Receiver(resource.Resource):
         self.ok: list[Received] = []
         self._conditions = Conditions()
         self.port: Any = None
+        #: TCP connections accepted
+        self.connections = 0
 
     @property
     def url(self) -> str:
@@ -182,9 +184,17 @@ class Receiver(resource.Resource):
         self._check()
 
 
+class _Site(server.Site):
+    """A site that counts the connections its receiver accepts."""
+
+    def buildProtocol(self, addr: Any) -> Any:
+        self.resource.connections += 1
+        return super().buildProtocol(addr)
+
+
 async def start_receiver(reactor: Any, hs_token: str = HS_TOKEN) -> Receiver:
     receiver = Receiver(hs_token)
-    site = server.Site(receiver)
+    site = _Site(receiver)
     site.noisy = False
     receiver.port = reactor.listenTCP(0, site, interface="127.0.0.1")
     return receiver

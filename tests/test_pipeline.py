@@ -571,3 +571,21 @@ async def test_the_next_transaction_is_sent_once_the_last_one_is_forgotten(
                 gate.callback(None)
         await service.stopService()
         await connections.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_services_at_one_address_keep_a_connection_each(db_url, reactor, receiver):
+    """
+    Ten services behind one host and port send at the same moments: each keeps its
+    connection between transactions instead of connecting anew for every one.
+    """
+    regs = [registration(f"s{i}", receiver.url, users=".*", exclusive=False) for i in range(10)]
+    service, _, _ = started(db_url, reactor, regs)
+    try:
+        for n in range(1, 6):
+            await service.submit([event(n)])
+            await receiver.wait_for(lambda n=n: len(receiver.ok) >= 10 * n)
+        assert len(receiver.ok) == 50
+        assert receiver.connections <= 10
+    finally:
+        await service.stopService()
