@@ -767,8 +767,13 @@ def format_measures(measures: list[Measure]) -> str:
     )
 
 
+#: units of rate; ``raw`` delivers each event once, so its events/s are deliveries/s too
+RATES = ("events/s", "deliveries/s")
+
+
 def ratio(result: Result, baseline: Result | None) -> float | None:
-    if baseline is None or result.unit != baseline.unit:
+    """A rate's ratio to ``raw``'s, measured in the same invocation."""
+    if baseline is None or result.unit not in RATES or baseline.unit not in RATES:
         return None
     return result.median / baseline.median
 
