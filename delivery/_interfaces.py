@@ -66,8 +66,8 @@ class IStore(IEventSource):
     def ensure_services(service_ids: Sequence[str]) -> Deferred[None]:
         """Create a record for each service not known yet."""
 
-    def services() -> Deferred[dict[str, ServiceRecord]]:
-        """Every service record, by id."""
+    def services(only: str | None = None) -> Deferred[dict[str, ServiceRecord]]:
+        """Every service record by id; with ``only``, that service's record if there is one."""
 
     def queued(service_id: str, after: int, limit: int) -> Deferred[list[QueuedEvent]]:
         """The oldest ``limit`` queued events of a service above position ``after``."""

@@ -408,7 +408,7 @@ class DeliveryService(Service):
     async def _status(self, service_id: str) -> ServiceStatus:
         await self._known(service_id)
         summary = await self.store.summary(service_id)
-        record = (await self.store.services())[service_id]
+        record = (await self.store.services(service_id))[service_id]
         return self._status_of(record, summary)
 
     def statuses(self) -> Deferred[list[ServiceStatus]]:
@@ -531,7 +531,7 @@ class DeliveryService(Service):
         await self._started()
         if service_id in self.registrations:
             raise ServiceRegisteredError(service_id)
-        if service_id not in await self.store.services():
+        if not await self.store.services(service_id):
             raise UnknownServiceError(service_id)
         events, transactions = await self.store.purge_service(service_id)
         log.info(
@@ -561,12 +561,12 @@ class DeliveryService(Service):
 
     async def _knows(self, service_id: str) -> bool:
         await self._started()
-        return service_id in self.registrations or service_id in await self.store.services()
+        return service_id in self.registrations or bool(await self.store.services(service_id))
 
     async def _known(self, service_id: str) -> None:
         """Raise if the service is unknown; else wait until what it recorded is written."""
         await self._started()
-        if service_id not in self.registrations and service_id not in await self.store.services():
+        if service_id not in self.registrations and not await self.store.services(service_id):
             raise UnknownServiceError(service_id)
         handle = self._handles.get(service_id)
         if handle is not None:

@@ -133,6 +133,17 @@ async def test_failures_are_recorded_on_the_transaction_and_the_service(store: A
 
 
 @pytest_twisted.ensureDeferred
+async def test_one_service_record_is_read_alone(store: Any) -> None:
+    await store.ensure_services(["a", "b", "c"])
+    await store.set_state("b", "down")
+    assert sorted(await store.services()) == ["a", "b", "c"]
+    only = await store.services("b")
+    assert list(only) == ["b"]
+    assert only["b"].state == "down"
+    assert await store.services("nobody") == {}
+
+
+@pytest_twisted.ensureDeferred
 async def test_sqlite_operations_asked_together_commit_together_and_fail_alone(
     tmp_path: Path, reactor: Any
 ) -> None:

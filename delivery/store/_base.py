@@ -60,8 +60,8 @@ class GeneratorStore:
     def ensure_services(self, service_ids: Sequence[str]) -> Deferred[None]:
         return self._run(_sql.ensure_services, service_ids)
 
-    def services(self) -> Deferred[dict[str, ServiceRecord]]:
-        return self._run(_sql.services)
+    def services(self, only: str | None = None) -> Deferred[dict[str, ServiceRecord]]:
+        return self._run(_sql.services, only)
 
     def set_state(self, service_id: str, state: str) -> Deferred[None]:
         return self._run(_sql.set_state, service_id, state)

@@ -209,10 +209,12 @@ def ensure_services(service_ids: Sequence[str]) -> Steps[None]:
         )
 
 
-def services() -> Steps[dict[str, ServiceRecord]]:
+def services(only: str | None = None) -> Steps[dict[str, ServiceRecord]]:
+    where, params = ("", ()) if only is None else (" WHERE service_id = ?", (only,))
     rows = yield Query(
         "SELECT service_id, state, last_txn_id, last_success_ts, last_error,"
-        " failure_count, next_retry_ts FROM services"
+        f" failure_count, next_retry_ts FROM services{where}",
+        params,
     )
     return {row[0]: ServiceRecord(*row) for row in rows}
 
