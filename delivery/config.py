@@ -65,6 +65,9 @@ class Config:
     max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
     #: how long start-up keeps trying to reach the database, seconds
     start_timeout: float = 60.0
+    #: how long a PostgreSQL operation may go unanswered before the database counts as
+    #: unavailable, seconds
+    database_timeout: float = 60.0
     defaults: DeliveryOptions = attrs.Factory(DeliveryOptions)
     log: LogConfig = attrs.Factory(LogConfig)
 
@@ -224,6 +227,7 @@ def parse_config(data: object, source: str, base: Path, environ: Mapping[str, st
         max_request_bytes=number("max_request_bytes", 10 * 1024 * 1024, integer=True),
         max_event_bytes=number("max_event_bytes", DEFAULT_MAX_EVENT_BYTES, integer=True),
         start_timeout=number("start_timeout", 60.0),
+        database_timeout=number("database_timeout", 60.0),
         defaults=defaults,
         log=LogConfig(level),
     )

@@ -100,7 +100,7 @@ class Daemon(MultiService):
         self.config = config
         set_level(config.log.level)
         self.delivery = DeliveryService(
-            open_store(config.database, reactor),
+            open_store(config.database, reactor, timeout=config.database_timeout),
             registrations,
             reactor=reactor,
             poll_interval=config.poll_interval,

@@ -26,6 +26,7 @@ def test_defaults_are_what_the_docs_say() -> None:
     assert config.max_request_bytes == 10 * 1024 * 1024
     assert config.app_service_config_files == ()
     assert config.log.level == "info"
+    assert (config.start_timeout, config.database_timeout) == (60.0, 60.0)
 
 
 def test_relative_paths_are_taken_from_the_config_folder() -> None:
@@ -75,6 +76,7 @@ def test_defaults_apply_to_every_registration(tmp_path: Path) -> None:
         ({**TOKENS, "ingest_token": 12345}, "ingest_token", "must be a string, not int"),
         ({**TOKENS, "poll_interval": 0}, "poll_interval", "positive number"),
         ({**TOKENS, "poll_interval": True}, "poll_interval", "positive number"),
+        ({**TOKENS, "database_timeout": -1}, "database_timeout", "positive number"),
         ({**TOKENS, "max_request_bytes": 1.5}, "max_request_bytes", "positive integer"),
         ({**TOKENS, "defaults": {"max_events": -1}}, "defaults.max_events", "positive integer"),
         ({**TOKENS, "defaults": {"retries": 3}}, "defaults.retries", "not a known option"),

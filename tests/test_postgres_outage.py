@@ -15,7 +15,7 @@ from typing import Any
 import psycopg2
 import pytest
 import pytest_twisted
-from twisted.internet import task
+from twisted.internet import task, threads
 from twisted.logger import ILogObserver, LogEvent, LogLevel, globalLogPublisher
 from zope.interface import implementer
 
@@ -287,6 +287,35 @@ async def test_an_operation_left_unanswered_is_abandoned(postgres_url: str, reac
     finally:
         blocker.close()
         await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_daemons_database_timeout_bounds_an_unanswered_ingest(
+    tmp_path: Path, postgres_url: str, reactor: Any, receiver: Any
+) -> None:
+    config = write_config(
+        tmp_path,
+        [write_registration(tmp_path, "a", receiver.url)],
+        database=postgres_url,
+        database_timeout=0.5,
+    )
+    running = await start_daemon(config, reactor)
+    blocker = psycopg2.connect(postgres_url)
+    try:
+        # In a thread: the lock waits for the daemon's reads in flight, which need the reactor.
+        await threads.deferToThread(
+            blocker.cursor().execute, "LOCK TABLE events IN ACCESS EXCLUSIVE MODE"
+        )
+        status, body = await running.request(
+            "POST", "/v1/events", {"events": [event(1)]}, token=INGEST
+        )
+        assert (status, body["errcode"]) == (503, "M_UNAVAILABLE"), body
+        assert "no answer within 0.5 s" in body["error"], body
+        blocker.rollback()
+        assert await running.ingest([event(1)]) == [1]
+    finally:
+        blocker.close()
+        await running.daemon.stopService()
 
 
 @pytest_twisted.ensureDeferred

@@ -32,14 +32,16 @@ __all__ = [
 ]
 
 
-def open_store(url: str, reactor: Any = None) -> IStore:
+def open_store(url: str, reactor: Any = None, timeout: float | None = 60.0) -> IStore:
     """
     The store a URL names.
 
     - ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db``: SQLite, the
       embedded default.
     - ``postgresql://user:password@host:port/database`` (or ``postgres://``): PostgreSQL;
-      libpq's parameters may follow (``?sslmode=require``).
+      libpq's parameters may follow (``?sslmode=require``). An operation the server does
+      not answer within ``timeout`` seconds (None: no limit) is abandoned and fails as
+      unavailable. (SQLite runs in this process: it waits up to 10 s for its file's lock.)
 
     :raises InvalidStoreURLError: for a URL no store understands.
     """
@@ -62,7 +64,7 @@ def open_store(url: str, reactor: Any = None) -> IStore:
                 f"database URL {redact_url(url)!r} names no database; write "
                 "postgresql://user@host:5432/dbname"
             )
-        return PostgresStore(url, reactor)
+        return PostgresStore(url, reactor, timeout=timeout)
     raise InvalidStoreURLError(
         f"database URL {redact_url(url)!r}: unknown kind {parts.scheme!r}; use"
         " sqlite:///path.db or postgresql://user@host/dbname"
