@@ -66,6 +66,7 @@ from .test_sigkill import (
     check_refusals,
     check_resends,
     check_txn_ids,
+    spawn_receiver,
     wants,
 )
 
@@ -351,13 +352,7 @@ def start_receiver(
         *("--services", ",".join(s.id for s in specs), "--seed", str(options.seed)),
         *("--fail-rate", str(options.fail_rate), "--timeout", str(REQUEST_TIMEOUT)),
     ]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr)
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    if not line:
-        process.wait(5)
-        raise RuntimeError(f"the receiver did not start (exit code {process.returncode})")
-    return process, json.loads(line)
+    return spawn_receiver(command, stderr)
 
 
 def restart_postgres() -> None:

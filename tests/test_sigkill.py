@@ -320,19 +320,28 @@ class Child:
         return "\n".join(self.stderr_path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def start_receiver(log: Path, seed: int, stderr: IO[bytes]) -> tuple[subprocess.Popen[bytes], str]:
-    """The receiver process, and the ``a=URL,b=URL,...`` of its ports."""
-    command = [
-        *(sys.executable, "-m", "tests.receiver_process", "--log", str(log)),
-        *("--services", ",".join(s.id for s in SERVICES), "--seed", str(seed)),
-    ]
+def spawn_receiver(
+    command: list[str], stderr: IO[bytes]
+) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
+    """A receiver process, and the port of each service (its first line of output)."""
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr)
     assert process.stdout is not None
     line = process.stdout.readline()
     if not line:
         process.wait(5)
         raise RuntimeError(f"the receiver did not start (exit code {process.returncode})")
-    ports = json.loads(line)
+    return process, json.loads(line)
+
+
+def start_receiver(log: Path, seed: int, stderr: IO[bytes]) -> tuple[subprocess.Popen[bytes], str]:
+    """The receiver process, and the ``a=URL,b=URL,...`` of its ports."""
+    process, ports = spawn_receiver(
+        [
+            *(sys.executable, "-m", "tests.receiver_process", "--log", str(log)),
+            *("--services", ",".join(s.id for s in SERVICES), "--seed", str(seed)),
+        ],
+        stderr,
+    )
     return process, ",".join(f"{s}=http://127.0.0.1:{p}" for s, p in ports.items())
 
 
