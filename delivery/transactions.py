@@ -165,6 +165,7 @@ class TransactionMaker:
         if self._stopped or handle.retired:
             return False
         if result.ok:
+            assert handle.completing is None  # waited for before this was sent
             handle.completing = Deferred.fromCoroutine(self._complete(handle, txn, result))
             return True
         options = handle.registration.options
@@ -183,8 +184,7 @@ class TransactionMaker:
     async def _complete(
         self, handle: ServiceHandle, txn: StoredTransaction, result: SendResult
     ) -> None:
-        """Delete a transaction answered 2xx, after the one before it (in the background)."""
-        await self._completed(handle)
+        """Delete a transaction answered 2xx (in the background, until the next send)."""
         await self._store.complete_transaction(handle.id, txn.txn_id, self._clock.seconds())
         self._observers.transaction_done(handle.id, txn, result)
 
