@@ -425,7 +425,7 @@ async def raw(reactor: Any, config: Config, receiver: Receiver, run: int) -> Run
     prepared = [prepare(b) for b in batches(f"raw{run}", config.events, BATCH)]
     store = RawStore(config.workdir / f"raw-{run}.db")
     connections = ConnectionPool(reactor, max_per_host=1)
-    client = connections.client(connect_timeout=10.0)
+    client = treq.client.HTTPClient(connections.agent(connect_timeout=10.0))
     try:
         start = time.time()
         for n, events in enumerate(prepared):

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import email.utils
 import sys
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
 
 from hyperlink import URL
-from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.error import (
     ConnectError,
@@ -148,14 +146,9 @@ class ConnectionPool:
         self.pool._factory = _QuietFactory  # no "Starting factory" line per connection
         self.pool.maxPersistentPerHost = sys.maxsize if max_per_host is None else max_per_host
         self.pool.retryAutomatically = False
-        self._jar = CookieJar(DefaultCookiePolicy(allowed_domains=[]))
 
     def agent(self, connect_timeout: float) -> Agent:
         return Agent(self.reactor, connectTimeout=connect_timeout, pool=self.pool)
-
-    def client(self, connect_timeout: float) -> HTTPClient:
-        """A treq client over the pool (for tools; the senders use :meth:`agent`)."""
-        return HTTPClient(self.agent(connect_timeout), cookiejar=self._jar)  # type: ignore[arg-type]
 
     def close(self) -> Deferred[None]:
         d: Deferred[None] = self.pool.closeCachedConnections()
