@@ -137,18 +137,20 @@ class _Matcher:
         while i >= 0 and not value.startswith(self._prefixes[i]):
             i = self._parents[i]
         while i >= 0:
-            for sids, match in self._entries[i]:
-                if match(value) is not None:
-                    found = found | sids if found else sids
+            found = _matching(self._entries[i], value, found)
             i = self._parents[i]
-        for sids, match in self._alone:
-            if match(value) is not None:
-                found = found | sids if found else sids
+        found = _matching(self._alone, value, found)
         if self._prefilter is not None and self._prefilter.match(value) is not None:
-            for sids, match in self._joined:
-                if match(value) is not None:
-                    found = found | sids if found else sids
+            found = _matching(self._joined, value, found)
         return found
+
+
+def _matching(entries: Iterable[_Entry], value: str, found: frozenset[str]) -> frozenset[str]:
+    """``found`` and the services of the entries whose pattern matches ``value``."""
+    for sids, match in entries:
+        if match(value) is not None:
+            found = found | sids if found else sids
+    return found
 
 
 @attrs.frozen

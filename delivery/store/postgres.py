@@ -60,8 +60,7 @@ RECONNECT_MAX_DELAY = 5.0
 
 async def _execute(cursor: Any, op: _sql.Query | _sql.Insert, before: list[str]) -> Any:
     """Run ``op``, preceded in the same round trip by the statements ``before``."""
-    prefix = "".join(f"{statement}; " for statement in before)
-    before.clear()
+    prefix = _take(before)
     if isinstance(op, _sql.Query):
         await cursor.execute(prefix + op.sql.replace("?", "%s"), tuple(op.params))
         if op.fetch == "all":
@@ -83,6 +82,13 @@ async def _execute(cursor: Any, op: _sql.Query | _sql.Insert, before: list[str])
     elif prefix:
         await cursor.execute(prefix)
     return None
+
+
+def _take(before: list[str]) -> str:
+    """The statements waiting to travel with the next one, as its prefix; none wait after."""
+    prefix = "".join(f"{statement}; " for statement in before)
+    before.clear()
+    return prefix
 
 
 def _array_literal(kind: str, values: Sequence[Any]) -> str:
@@ -119,7 +125,7 @@ async def drive(cursor: Any, steps: _sql.Steps[T]) -> T:
                 result = await _execute(cursor, op, before)
             op = steps.send(result)
     except StopIteration as done:
-        await cursor.execute("".join(f"{statement}; " for statement in before) + "COMMIT")
+        await cursor.execute(_take(before) + "COMMIT")
         return done.value  # type: ignore[no-any-return]
 
 
