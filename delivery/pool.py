@@ -55,6 +55,10 @@ class EventPool:
         self._windows: dict[str, _Window] = {}
         self.on_ready = on_ready
 
+    def widen(self, window: int) -> None:
+        """Hold at least ``window`` events per service from now on (a batch grew)."""
+        self._size = max(self._size, window)
+
     def _window(self, service_id: str) -> _Window:
         window = self._windows.get(service_id)
         if window is None:

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
@@ -177,8 +177,10 @@ class DeliveryService(Service):
         self._age_check: IDelayedCall | None = None
         #: services whose oldest pending event is older than their max_pending_age
         self._too_old: set[str] = set()
-        #: handles of removed services, whose loops may still be ending
-        self._retired: list[ServiceHandle] = []
+        #: removed services whose loops may still be ending: done once they have
+        self._retiring: dict[str, Deferred[None]] = {}
+        #: one reload at a time: each one's changes are worked out from the last one's
+        self._reloading = DeferredLock()
         self._starting: Deferred[None] | None = None
         self._start_failure: Failure | None = None
         self._start_waiters: list[Deferred[None]] | None = None
@@ -193,6 +195,11 @@ class DeliveryService(Service):
     async def _start(self) -> None:
         try:
             await self._start_pipeline()
+        except DeliveryError as e:
+            # The database refused us, is locked by another process, or never answered:
+            # one line that says so, no traceback.
+            self._start_failure = Failure()
+            log.error("delivery could not start: {error}", error=str(e))
         except Exception:
             self._start_failure = Failure()
             log.failure("delivery could not start", self._start_failure)
@@ -307,7 +314,7 @@ class DeliveryService(Service):
         self, registrations: list[Registration], starts: dict[str, tuple[ServiceRecord, bool]]
     ) -> None:
         for registration in registrations:
-            if registration.url is None and registration.id not in self._senders:
+            if not self._sends(registration):
                 continue
             record, stored = starts[registration.id]
             if record.state == str(State.DISABLED):
@@ -364,12 +371,14 @@ class DeliveryService(Service):
             await self._starting
         if self._age_check is not None and self._age_check.active():
             self._age_check.cancel()
-        handles = list(self._handles.values()) + self._retired
+        handles = list(self._handles.values())
         self._recoverer.stop_all(handles)
         await self._sorter.stop()
         await self._maker.stop(handles)
         for handle in handles:  # the state writes queued, before the store closes
             await handle.recorded()
+        for retiring in list(self._retiring.values()):
+            await retiring
         await self._connections.close()
         await self.store.close()
 
@@ -480,9 +489,10 @@ class DeliveryService(Service):
         one keeps its state and queue and uses its new settings from its next request; a
         removed one stops being sent to but keeps its queue and stored transactions
         (reported as ``orphaned``) until :meth:`purge` removes them or it comes back.
+        Reloads run one at a time, each against the registrations the last one left.
         """
         new = _by_id(registrations)
-        return Deferred.fromCoroutine(self._reload(new))
+        return self._reloading.run(lambda: Deferred.fromCoroutine(self._reload(new)))
 
     async def _reload(self, new: dict[str, Registration]) -> ReloadResult:
         await self._started()
@@ -490,15 +500,28 @@ class DeliveryService(Service):
         added = sorted(new.keys() - old.keys())
         removed = sorted(old.keys() - new.keys())
         changed = sorted(i for i in new.keys() & old.keys() if new[i] != old[i])
-        starting = [new[i] for i in changed + added]
+        # A changed service that keeps sending keeps its handle, loop and state: its new
+        # settings apply from its next batch, and no second loop can start beside the
+        # first. Only a service that starts or stops sending changes hands.
+        kept = [i for i in changed if i in self._handles and self._sends(new[i])]
+        stopping = [i for i in removed + changed if i in self._handles and i not in kept]
+        starting = [new[i] for i in added + changed if i not in kept and i not in stopping]
+        for service_id in [r.id for r in starting]:
+            # A handle retired earlier may still be storing: start from what it left.
+            retiring = self._retiring.get(service_id)
+            if retiring is not None:
+                await retiring
         starts = await self._read_starts(starting)
         # From here on nothing waits: the change is applied whole or not at all.
         self.registrations = new
         self._sorter.index = InterestIndex(new.values(), server_name=self._server_name)
-        for service_id in removed + changed:
-            handle = self._handles.pop(service_id, None)
-            if handle is not None:
-                self._retire(handle)
+        self._pool.widen(max(r.options.max_events for r in new.values()) if new else 1)
+        for service_id in kept:
+            handle = self._handles[service_id]
+            handle.registration = new[service_id]
+            handle.sender = self._sender(new[service_id])
+        for service_id in stopping:
+            self._retire(self._handles.pop(service_id))
         self._start_handles(starting, starts)
         log.info(
             "registrations reloaded: {added} added, {changed} changed, {removed} removed",
@@ -508,14 +531,32 @@ class DeliveryService(Service):
         )
         return ReloadResult(tuple(added), tuple(changed), tuple(removed))
 
+    def _sends(self, registration: Registration) -> bool:
+        """Whether anything is sent to this service (it has a URL or a sender of its own)."""
+        return registration.url is not None or registration.id in self._senders
+
     def _retire(self, handle: ServiceHandle) -> None:
-        """Stop sending to a service; what it has stored stays in the database."""
+        """
+        Stop sending to a service; what it has stored stays in the database. Its loop may
+        be storing a transaction still: the service is known to have stopped (and its
+        window of the pool is forgotten) only once that loop has ended.
+        """
         handle.retired = True
-        self._retired.append(handle)
         self._recoverer.stop([handle])
         if handle.in_flight is not None:
             handle.in_flight.cancel()
-        self._pool.reset(handle.id)
+        retiring = Deferred.fromCoroutine(self._wind_down(handle))
+        if not retiring.called:
+            self._retiring[handle.id] = retiring
+
+    async def _wind_down(self, handle: ServiceHandle) -> None:
+        try:
+            if handle.loop is not None:
+                await handle.loop
+            await handle.recorded()
+            self._pool.reset(handle.id)
+        finally:
+            self._retiring.pop(handle.id, None)
 
     def purge(self, service_id: str) -> Deferred[PurgeResult]:
         """

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred, succeed
-from zope.interface import implementer
+from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
+from zope.interface import implementer, provider
 
 import delivery
 from delivery import (
@@ -71,6 +72,13 @@ async def test_a_start_failure_is_reported_to_callers(tmp_path: Path, reactor: A
     conn.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION + 1,))
     conn.commit()
     conn.close()
+    logged: list[LogEvent] = []
+
+    @provider(ILogObserver)
+    def observe(e: LogEvent) -> None:
+        logged.append(e)
+
+    globalLogPublisher.addObserver(observe)
     service, _, _ = make_service(open_store(f"sqlite:///{path}", reactor), [], reactor)
     service.startService()
     try:
@@ -78,6 +86,11 @@ async def test_a_start_failure_is_reported_to_callers(tmp_path: Path, reactor: A
             await service.submit([event(1)])
     finally:
         await service.stopService()
+        globalLogPublisher.removeObserver(observe)
+    # The reason in one line, with no traceback: it is the user's to fix.
+    (line,) = [formatEvent(e) for e in logged if "could not start" in formatEvent(e)]
+    assert line.startswith("delivery could not start: the database is at schema version")
+    assert not [e for e in logged if e.get("log_failure") is not None]
 
 
 @pytest_twisted.ensureDeferred
