@@ -164,6 +164,11 @@ class ServiceHandle:
     retry_call: IDelayedCall | None = None
     probe_call: IDelayedCall | None = None
     probing: Deferred[SendResult] | None = None
+    #: while a retry that a probe started runs: when the wait it cut short would have
+    #: ended (if the retry fails, the service waits until then, without probing)
+    interrupted_until: float | None = None
+    #: when the log last said that the service is down (a reminder follows now and then)
+    down_logged_ts: float | None = None
     #: removed from the registrations: nothing more is sent
     retired: bool = False
     #: the last of the writes recording this service's state, in order

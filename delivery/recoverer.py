@@ -53,28 +53,34 @@ class BackoffPolicy:
 
     def delay(self, failures: int, rng: random.Random, retry_after: float | None = None) -> float:
         """
-        The wait after ``failures`` failures in a row. A receiver's ``Retry-After`` is
-        honoured when it asks for longer, up to ``max_delay``.
+        The wait after ``failures`` failures in a row, never longer than ``max_delay``
+        (at the cap the jitter only shortens it). A receiver's ``Retry-After`` is honoured
+        when it asks for longer, up to ``max_delay``.
         """
-        wait = self.base(failures) * (1 + rng.uniform(-self.jitter, self.jitter))
+        base = self.base(failures)
+        low, high = base * (1 - self.jitter), min(base * (1 + self.jitter), self.max_delay)
+        wait = rng.uniform(low, high)
         if retry_after is not None and retry_after > wait:
             wait = min(retry_after, self.max_delay)
         return wait
 
 
-#: answers to a probe that do not end the wait: the receiver is there but refuses us
-#: (a wrong hs_token, rate limiting) and would refuse the transaction just the same
-PROBE_REFUSALS = frozenset({401, 403, 408, 429})
+#: answers to a probe from a receiver that is there but does not implement the ping
+#: (several SDKs answer 404; a plain web server 405 or 501)
+PING_UNKNOWN = frozenset({404, 405, 501})
+
+#: how often the log reminds that a service is still down
+DOWN_REMINDER = 900.0
 
 
 def probe_reached(result: SendResult) -> bool:
     """
-    Whether a probe's answer shows the receiver is back: any HTTP answer below 500 (several
-    SDKs answer 404 to a ping they do not implement), except the refusals above.
+    Whether a probe's answer shows the receiver is back: a 2xx, or an answer saying the
+    ping itself is unknown. Anything else (a redirect, a refusal of our token, rate
+    limiting, a server error) is what a transaction would get too: the wait goes on.
     """
-    return (
-        result.status is not None and result.status < 500 and (result.status not in PROBE_REFUSALS)
-    )
+    status = result.status
+    return status is not None and (200 <= status < 300 or status in PING_UNKNOWN)
 
 
 class Recoverer:
@@ -104,14 +110,14 @@ class Recoverer:
         handle.failure_count += 1
         handle.last_error = result.error
         delay = BackoffPolicy.of(options).delay(handle.failure_count, self._rng, result.retry_after)
+        # A retry that a probe started failed: the probe's answer did not mean the
+        # receiver takes transactions, so the wait it cut short goes on, unprobed.
+        resume, handle.interrupted_until = handle.interrupted_until, None
+        probe = options.probe and txn is not None and resume is None
+        if resume is not None:
+            delay = max(resume - now, 0.0)
         handle.next_retry_ts = now + delay
-        log.info(
-            "{service} is DOWN (was {old}): {error}; retrying in {delay:.1f} s",
-            service=handle.id,
-            old=str(old),
-            error=result.error,
-            delay=delay,
-        )
+        self._log_down(handle, old, result, delay, now)
         self._persist(handle, State.DOWN)
         if txn is not None:
             failures, next_retry = handle.failure_count, handle.next_retry_ts
@@ -126,24 +132,55 @@ class Recoverer:
             # Probe only a receiver that failed (a transaction was sent): that it answers
             # says nothing of the database or the bug that failed otherwise, and ending
             # the wait at every probe would retry those without backoff.
-            if options.probe and txn is not None and options.probe_interval < delay:
+            if probe and options.probe_interval < delay:
                 handle.probe_call = self._clock.callLater(
                     options.probe_interval, self._probe, handle
                 )
         # Observers last: they may run arbitrary code that expects the new state complete.
         self._observers.state_changed(handle.id, str(old), str(State.DOWN), result.error)
 
+    def _log_down(
+        self, handle: ServiceHandle, old: State, result: SendResult, delay: float, now: float
+    ) -> None:
+        """One line when a service goes down, then a reminder every :data:`DOWN_REMINDER`."""
+        if old is State.UP or handle.down_logged_ts is None:
+            handle.down_logged_ts = now
+            log.warn(
+                "{service} is DOWN: {error}; events are kept and retried in {delay:.1f} s",
+                service=handle.id,
+                error=result.error,
+                delay=delay,
+            )
+        elif now - handle.down_logged_ts >= DOWN_REMINDER:
+            handle.down_logged_ts = now
+            log.warn(
+                "{service} is still DOWN after {failures} failed attempts: {error}; next retry"
+                " in {delay:.1f} s",
+                service=handle.id,
+                failures=handle.failure_count,
+                error=result.error,
+                delay=delay,
+            )
+        else:
+            log.debug(
+                "{service}: retry failed: {error}; next in {delay:.1f} s",
+                service=handle.id,
+                error=result.error,
+                delay=delay,
+            )
+
     def enter_recovering(self, handle: ServiceHandle, old: State) -> None:
         self._cancel_timers(handle)
         handle.next_retry_ts = None
         handle.replayed = False
-        log.info("{service} is RECOVERING: resending stored transactions", service=handle.id)
+        log.debug("{service} is RECOVERING: resending stored transactions", service=handle.id)
         self._persist(handle, State.RECOVERING)
         self._observers.state_changed(handle.id, str(old), str(State.RECOVERING), None)
 
     def enter_up(self, handle: ServiceHandle) -> None:
         failures, handle.failure_count = handle.failure_count, 0
         handle.last_error = None
+        handle.interrupted_until = handle.down_logged_ts = None
         log.info(
             "{service} is UP again after {failures} failed attempt(s); backlog drained",
             service=handle.id,
@@ -156,6 +193,7 @@ class Recoverer:
         self, handle: ServiceHandle, old: State, result: SendResult, txn: StoredTransaction
     ) -> None:
         handle.last_error = result.error
+        handle.interrupted_until = None
         log.warn(
             "{service} is DISABLED (was {old}): {error}; events keep queueing and nothing is"
             " sent until an operator enables it (POST /v1/services/{service}/enable)",
@@ -202,6 +240,7 @@ class Recoverer:
         """End the wait of a DOWN service at once."""
         if handle.state is State.DOWN:
             log.info("{service}: retry requested", service=handle.id)
+            handle.interrupted_until = None
         self._retry(handle)
 
     def _retry(self, handle: ServiceHandle) -> None:
@@ -235,6 +274,8 @@ class Recoverer:
                 service=handle.id,
                 status=result.status,
             )
+            if handle.retry_call is not None:
+                handle.interrupted_until = handle.retry_call.getTime()
             self._retry(handle)
         else:
             interval = handle.registration.options.probe_interval

@@ -21,12 +21,26 @@ def test_waits_double_from_the_initial_delay_up_to_the_maximum() -> None:
 def test_jitter_stays_within_twenty_percent_and_spreads() -> None:
     policy = BackoffPolicy(initial_delay=1, max_delay=300, jitter=0.2)
     rng = random.Random(1)
-    for failures in (1, 5, 20):
+    for failures in (1, 5):
         waits = [policy.delay(failures, rng) for _ in range(2000)]
         base = policy.base(failures)
         assert min(waits) >= base * 0.8
         assert max(waits) <= base * 1.2
         assert max(waits) - min(waits) > base * 0.3  # really jittered
+
+
+def test_max_delay_is_the_longest_wait_jitter_included() -> None:
+    policy = BackoffPolicy(initial_delay=1, max_delay=300, jitter=0.2)
+    rng = random.Random(1)
+    for failures in (9, 10, 20):  # bases 256, 300, 300: jitter would reach 307 and 360
+        waits = [policy.delay(failures, rng) for _ in range(2000)]
+        base = policy.base(failures)
+        assert min(waits) >= base * 0.8
+        assert max(waits) <= 300
+        assert max(waits) - min(waits) > 40  # still jittered below the cap
+    waits = [policy.delay(10, rng, retry_after=299) for _ in range(200)]
+    assert min(waits) >= 299
+    assert max(waits) <= 300
 
 
 def test_retry_after_is_honoured_when_longer_and_capped_by_the_maximum() -> None:
