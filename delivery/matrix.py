@@ -121,8 +121,24 @@ def describe_failure(failure: Failure, timeout: float) -> str:
     return f"{getattr(failure.type, '__name__', 'error')}: {failure.getErrorMessage()}"
 
 
-def _describe_answer(status: int, body: bytes) -> str:
-    text = body[:300].decode("utf-8", "replace").strip()
+#: how much of an error answer's text is kept, for error messages and the store
+ERROR_TEXT_LIMIT = 300
+
+#: what stands for a secret of ours that a receiver echoed
+REDACTED = "<redacted>"
+
+
+def describe_answer(status: int, body: bytes, secrets: tuple[str, ...] = ()) -> str:
+    """
+    ``HTTP status: text``, the text being the start of the answer, with every secret in
+    ``secrets`` (a receiver may echo our request's headers) replaced before it is cut, so
+    that no part of a secret is kept either.
+    """
+    text = body.decode("utf-8", "replace")
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, REDACTED)
+    text = text[:ERROR_TEXT_LIMIT].strip()
     return f"HTTP {status}" + (f": {text}" if text else "")
 
 
@@ -170,6 +186,10 @@ class MatrixSender:
         self._agent = connections.agent(registration.options.connect_timeout)
         #: the URL as the wire has it (host name in IDNA, path percent-encoded)
         self._base = URL.from_text(self.url).to_uri().to_text().encode("ascii")
+        #: never kept from an answer: a receiver may echo our token, or its own
+        self._secrets = tuple(
+            sorted({registration.hs_token, registration.as_token}, key=len, reverse=True)
+        )
         self._headers = Headers(
             {
                 b"Authorization": [f"Bearer {registration.hs_token}".encode()],
@@ -195,7 +215,7 @@ class MatrixSender:
             return SendResult(
                 ok=ok,
                 status=status,
-                error=None if ok else _describe_answer(status, answer),
+                error=None if ok else describe_answer(status, answer, self._secrets),
                 retry_after=parse_retry_after(retry_after, self._clock.seconds()),
                 duration=self._clock.seconds() - start,
             )
