@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import psycopg2
 import pytest_twisted
 from twisted.internet.defer import Deferred, DeferredList, gatherResults
 
@@ -16,6 +17,7 @@ from delivery.store import open_store
 
 from .harness import event, make_service, registration
 from .receiver import Receiver
+from .test_postgres import until
 
 
 def check_delivery(receiver: Receiver, expected: list[str]) -> None:
@@ -79,3 +81,46 @@ def _count(receiver: Receiver) -> int:
     for request in receiver.ok:
         seen[request.txn_id] = len(request.event_ids)
     return sum(seen.values())
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_service_readded_while_its_old_loop_stores_starts_from_what_it_stored(
+    postgres_url: str, reactor: Any, receiver
+):
+    # The old loop is held inside cut(): its transaction waits for the transactions
+    # table, which another connection holds. The service is removed and added again meanwhile;
+    # the new one must start once the old loop has ended, from the transaction it stored.
+    reg = registration("a", receiver.url, users=".*")
+    store = open_store(postgres_url, reactor)
+    service, recorder, _ = make_service(store, [reg], reactor)
+    service.startService()
+    holder = psycopg2.connect(postgres_url)
+    try:
+        await service.started()
+        with holder.cursor() as cursor:
+            cursor.execute("LOCK TABLE transactions IN EXCLUSIVE MODE")
+        await service.submit([event(n) for n in range(3)])
+        with psycopg2.connect(postgres_url) as watcher, watcher.cursor() as cursor:
+
+            def storing() -> bool:
+                cursor.execute(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+                return bool(cursor.fetchone()[0])
+
+            await until(reactor, storing, "the loop to wait for the table")
+        await service.reload([])
+        readded = service.reload([reg])
+        up = recorder.wait_for_state("a", "up")  # after recovering what the old loop stored
+        holder.rollback()  # the old loop's transaction commits now
+        await readded
+        await up
+        (request,) = receiver.ok
+        assert request.event_ids == ["$e0", "$e1", "$e2"]
+        assert [s for s in recorder.states if s[2] == "down"] == []
+        status = await service.status("a")
+        assert (status.state, status.queued_events, status.stored_transactions) == ("up", 0, 0)
+    finally:
+        holder.close()
+        await service.stopService()
