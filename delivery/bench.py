@@ -409,7 +409,9 @@ async def deliver_raw(
     now = time.time()
     ids = store.run(_sql.insert_events, events, now).stream_ids
     store.run(_sql.commit_sorted, ids[-1], [(SERVICE_ID, i) for i in ids], ())
-    txn_id = store.run(_sql.store_transaction, SERVICE_ID, ids[0], ids[-1], len(ids), body, now)
+    txn_id = store.run(
+        _sql.store_transaction, SERVICE_ID, ids[0], ids[-1], len(ids), body, now, [now] * len(ids)
+    )
     response = await client.put(
         f"{url}{TXN_PATH}{txn_id}",
         data=body,

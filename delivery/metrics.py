@@ -2,6 +2,9 @@
 Prometheus metrics, in a registry of their own so that an embedder can merge or ignore
 them. Counters and histograms move as things happen (this is an IDeliveryObserver);
 gauges of what is pending are read from the store when scraped.
+
+The end-to-end latency holds every event acknowledged, those resent after an outage or
+a restart included: a transaction's events' ingest times are stored with it.
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ class Metrics:
         )
         self.latency = Histogram(
             "delivery_end_to_end_latency_seconds",
-            "Time from an event's ingest to its transaction's 2xx.",
+            "Time from an event's ingest to the 2xx of the transaction that delivered it.",
             ["service"],
             buckets=_LATENCY_BUCKETS,
             registry=r,

@@ -46,9 +46,10 @@ class StoredTransaction:
     first_attempt_ts: float | None = None
     last_attempt_ts: float | None = None
     last_error: str | None = None
-    #: when each event was ingested, for latency figures; known only to the process that
-    #: cut the transaction (empty when read back from the store)
-    received_ts: tuple[float, ...] = attrs.field(default=(), eq=False, repr=False)
+    #: when each of its events was ingested (clock seconds, in body order), for the
+    #: end-to-end latency of every delivery, resends included; stored with it (empty only
+    #: for a transaction stored before schema version 4)
+    received_ts: tuple[float, ...] = attrs.field(default=(), repr=False)
 
 
 @attrs.frozen

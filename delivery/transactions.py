@@ -129,7 +129,10 @@ class TransactionMaker:
         body = transaction_body([e.json for e in events])
         now = self._clock.seconds()
         first, last = events[0].stream_id, events[-1].stream_id
-        txn_id = await self._store.store_transaction(handle.id, first, last, len(events), body, now)
+        received = tuple(e.received_ts for e in events)
+        txn_id = await self._store.store_transaction(
+            handle.id, first, last, len(events), body, now, received
+        )
         self._pool.remove(handle.id, len(events))
         return StoredTransaction(
             handle.id,
@@ -139,7 +142,7 @@ class TransactionMaker:
             first,
             last,
             now,
-            received_ts=tuple(e.received_ts for e in events),
+            received_ts=received,
         )
 
     async def deliver(

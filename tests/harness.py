@@ -10,6 +10,7 @@ from zope.interface import implementer
 
 from delivery import DeliveryService, IDeliveryObserver, Registration, SendResult
 from delivery.records import StoredTransaction
+from delivery.store._schema import txn_id_base
 
 from .receiver import HS_TOKEN
 from .waiting import Conditions
@@ -39,6 +40,16 @@ def registration(
             "delivery": options,
         }
     )
+
+
+def txn_id(store: Any, n: int) -> int:
+    """The id of a service's ``n``-th transaction in an open store's database (1: its first)."""
+    return txn_id_base(store.instance) + n
+
+
+def txn_ids(store: Any, *ns: int) -> list[str]:
+    """The ids of a service's transactions ``ns``, as a receiver reads them in the URL."""
+    return [str(txn_id(store, n)) for n in ns]
 
 
 def event(

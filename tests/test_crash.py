@@ -19,7 +19,7 @@ import pytest_twisted
 from delivery.events import prepare
 from delivery.store import open_store
 
-from .harness import event, make_service, registration
+from .harness import event, make_service, registration, txn_id, txn_ids
 from .receiver import start_receiver, stop_receiver
 
 STAGES = ["submitted", "sorted", "stored"]
@@ -51,10 +51,10 @@ async def leave_state(db_url: str, reactor: Any, stage: str) -> None:
         if stage == "sorted":
             return
         a_ids = [i for s, i in queue if s == "a"]
-        txn_id = await store.store_transaction(
-            "a", a_ids[0], a_ids[-1], len(a_ids), STORED_BODY, 0.0
+        stored = await store.store_transaction(
+            "a", a_ids[0], a_ids[-1], len(a_ids), STORED_BODY, 0.0, [0.0] * len(a_ids)
         )
-        assert txn_id == 1
+        assert stored == txn_id(store, 1)
     finally:
         await store.close()
 
@@ -79,14 +79,14 @@ async def test_a_restart_after_each_stage_delivers_everything(stage, db_url, rea
         await recorder.wait_for_acks(2)
         assert receiver.event_ids == ["$e1", "$e3"]
         assert other.event_ids == ["$e0", "$e2", "$e4"]
-        assert [r.txn_id for r in receiver.requests] == ["1"]
-        assert [r.txn_id for r in other.requests] == ["1"]
+        assert [r.txn_id for r in receiver.requests] == txn_ids(service.store, 1)
+        assert [r.txn_id for r in other.requests] == txn_ids(service.store, 1)
         if stage == "stored":
             assert receiver.requests[0].body == STORED_BODY  # the exact stored bytes
         # new events after the restart get new, higher ids
         await service.submit([event(10, sender="@a_10:hs")])
         await recorder.wait_for_acks(3)
-        assert [r.txn_id for r in receiver.requests] == ["1", "2"]
+        assert [r.txn_id for r in receiver.requests] == txn_ids(service.store, 1, 2)
     finally:
         await service.stopService()
         await stop_receiver(other)
@@ -112,14 +112,18 @@ async def test_a_transaction_the_receiver_got_but_whose_ack_was_lost_is_resent_w
     service.startService()
     try:
         await recorder.wait_for_acks(1)
-        assert [r.txn_id for r in receiver.requests] == ["1", "2", "2"]
+        assert [r.txn_id for r in receiver.requests] == txn_ids(service.store, 1, 2, 2)
         assert receiver.requests[1].body == receiver.requests[2].body
         assert receiver.event_ids == ["$e1", "$e2", "$e3"]
         await service.submit([event(4, sender="@a_4:hs")])
         await recorder.wait_for_acks(2)
-        assert [r.txn_id for r in receiver.requests] == ["1", "2", "2", "3"]
+        assert [r.txn_id for r in receiver.requests] == txn_ids(service.store, 1, 2, 2, 3)
         status = await service.status("a")
-        assert (status.state, status.last_txn_id, status.stored_transactions) == ("up", 3, 0)
+        assert (status.state, status.last_txn_id, status.stored_transactions) == (
+            "up",
+            txn_id(service.store, 3),
+            0,
+        )
     finally:
         await service.stopService()
 
@@ -145,7 +149,7 @@ async def test_a_service_down_when_stopped_is_recovered_first_at_start(db_url, r
         await up  # at once: no waiting for the backoff or for a new event
         await recorder.wait_for_acks(2)
         assert clock.seconds() == 0
-        assert [r.txn_id for r in receiver.requests] == ["1", "1", "2"]
+        assert [r.txn_id for r in receiver.requests] == txn_ids(service.store, 1, 1, 2)
         assert receiver.event_ids == ["$e1", "$e2"]
     finally:
         await service.stopService()

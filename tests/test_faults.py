@@ -39,7 +39,7 @@ from .faults import (
     reset,
     slow,
 )
-from .harness import Recorder, event, make_service, registration
+from .harness import Recorder, event, make_service, registration, txn_id, txn_ids
 from .waiting import Conditions
 
 #: a clock that reads like the real one, so that HTTP dates mean something to it
@@ -102,7 +102,7 @@ async def fails_then_delivers(
         assert re.fullmatch(error, status.last_error or ""), status.last_error
         assert (status.stored_transactions, status.failure_count) == (1, 1)
         (txn,) = await service.store.transactions("a", 0, 10)
-        assert (txn.txn_id, txn.attempts) == (1, 1)
+        assert (txn.txn_id, txn.attempts) == (txn_id(service.store, 1), 1)
         assert txn.last_error == status.last_error
 
         up = recorder.wait_for_state("a", "up")
@@ -110,7 +110,7 @@ async def fails_then_delivers(
         clock.advance(status.next_retry - clock.seconds())
         await up
         first, again = receiver.transactions
-        assert (first.txn_id, again.txn_id) == ("1", "1")
+        assert [first.txn_id, again.txn_id] == txn_ids(service.store, 1, 1)
         assert first.body == again.body
         assert receiver.event_ids == ["$e1"]
         assert len(receiver.ok) == 1
@@ -227,7 +227,7 @@ async def test_a_receiver_that_is_down_is_a_failure_until_it_is_up(
         assert status.next_retry is not None
         clock.advance(status.next_retry - clock.seconds())
         await up
-        assert [r.txn_id for r in faulty_receiver.transactions] == ["1"]
+        assert [r.txn_id for r in faulty_receiver.transactions] == txn_ids(service.store, 1)
         assert faulty_receiver.event_ids == ["$e1"]
     finally:
         await service.stopService()
@@ -324,7 +324,7 @@ async def test_every_failure_in_turn_then_one_delivery_with_the_same_id(
             clock.advance(status.next_retry - clock.seconds())
         await recorder.wait_for_acks(1)
         requests = faulty_receiver.transactions
-        assert [r.txn_id for r in requests] == ["1"] * len(faults)
+        assert [r.txn_id for r in requests] == txn_ids(service.store, 1) * len(faults)
         assert {r.body for r in requests} == {requests[0].body}
         assert faulty_receiver.event_ids == ["$e1", "$e2"]
         assert [r.fault for r in requests] == faults

@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 
 from delivery import Registration
 
-from .harness import event, make_service, registration
+from .harness import event, make_service, registration, txn_id, txn_ids
 from .receiver import HS_TOKEN
 from .waiting import Conditions
 
@@ -246,11 +246,12 @@ async def test_mautrix_receives_every_event_once_in_order(
 
     expected = [e["event_id"] for e in events]
     assert mautrix.event_ids == expected
-    assert [txn for txn, _ in mautrix.handled] == ["1", "2", "3"]
+    one, two, three = txn_ids(store, 1, 2, 3)
+    assert [txn for txn, _ in mautrix.handled] == [one, two, three]
     assert [len(ids) for _, ids in mautrix.handled] == [100, 100, 50]
     assert [i for _, ids in mautrix.handled for i in ids] == expected
     # mautrix accepted our Authorization header for every transaction
-    assert _transaction_requests(mautrix) == [("1", 200), ("2", 200), ("3", 200)]
+    assert _transaction_requests(mautrix) == [(one, 200), (two, 200), (three, 200)]
     # and deserialized what we sent into its own types, unchanged
     first = mautrix.events[0]
     assert isinstance(first, MessageEvent)
@@ -261,7 +262,7 @@ async def test_mautrix_receives_every_event_once_in_order(
     assert status.state == "up"
     assert status.stored_transactions == 0
     assert status.queued_events == 0
-    assert status.last_txn_id == 3
+    assert status.last_txn_id == txn_id(store, 3)
     assert [r.ok for _, _, r in recorder.results] == [True, True, True]
 
 
@@ -291,9 +292,14 @@ async def test_mautrix_rejects_a_wrong_hs_token(
     assert status.stored_transactions == 1
     assert mautrix.events == []
     assert mautrix.handled == []
-    assert _transaction_requests(mautrix) == [("1", 401)]
+    assert _transaction_requests(mautrix) == [(str(txn_id(store, 1)), 401)]
     ((service_id, txn, result),) = recorder.results
-    assert (service_id, txn.txn_id, result.ok, result.status) == ("bridge", 1, False, 401)
+    assert (service_id, txn.txn_id, result.ok, result.status) == (
+        "bridge",
+        txn_id(store, 1),
+        False,
+        401,
+    )
 
 
 @pytest_twisted.ensureDeferred
@@ -346,7 +352,8 @@ async def test_mautrix_dedupes_a_resent_transaction(
         await service.submit(events)
         await down
         await mautrix.wait_for(lambda: len(mautrix.handled) >= 1)
-        assert mautrix.handled == [("1", [e["event_id"] for e in events[:100]])]
+        first = str(txn_id(store, 1))
+        assert mautrix.handled == [(first, [e["event_id"] for e in events[:100]])]
         up = recorder.wait_for_state("bridge", "up")
         await service.retry_now("bridge")
         await mautrix.wait_for_events(250)
@@ -359,14 +366,15 @@ async def test_mautrix_dedupes_a_resent_transaction(
 
     expected = [e["event_id"] for e in events]
     assert mautrix.event_ids == expected
-    assert [txn for txn, _ in mautrix.handled] == ["1", "2", "3"]
-    assert _transaction_requests(mautrix) == [("1", 502), ("1", 200), ("2", 200), ("3", 200)]
-    sent = [(txn.txn_id, txn.body, result.status) for _, txn, result in recorder.results]
-    assert [(t, s) for t, _, s in sent] == [(1, 502), (1, 200), (2, 200), (3, 200)]
+    one, two, three = txn_ids(store, 1, 2, 3)
+    assert [txn for txn, _ in mautrix.handled] == [one, two, three]
+    assert _transaction_requests(mautrix) == [(one, 502), (one, 200), (two, 200), (three, 200)]
+    sent = [(str(txn.txn_id), txn.body, result.status) for _, txn, result in recorder.results]
+    assert [(t, s) for t, _, s in sent] == [(one, 502), (one, 200), (two, 200), (three, 200)]
     assert sent[0][1] == sent[1][1], "the resent transaction must have the same body"
     assert status.state == "up"
     assert status.stored_transactions == 0
-    assert status.last_txn_id == 3
+    assert status.last_txn_id == txn_id(store, 3)
 
 
 @pytest_twisted.ensureDeferred
@@ -399,12 +407,13 @@ async def test_mautrix_answers_our_probe(
         await service.stopService()
 
     assert [(p, r.ok, r.status) for p, r in recorder.probes] == [("bridge", True, 200)]
+    first = str(txn_id(store, 1))
     assert [(a.method, a.path, a.status) for a in mautrix.answered] == [
-        ("PUT", TRANSACTIONS + "1", 502),
+        ("PUT", TRANSACTIONS + first, 502),
         ("POST", "/_matrix/app/v1/ping", 200),
-        ("PUT", TRANSACTIONS + "1", 200),
+        ("PUT", TRANSACTIONS + first, 200),
     ]
-    assert mautrix.handled == [("1", ["$e0", "$e1", "$e2"])]
+    assert mautrix.handled == [(first, ["$e0", "$e1", "$e2"])]
     assert mautrix.event_ids == ["$e0", "$e1", "$e2"]
 
 

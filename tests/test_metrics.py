@@ -5,11 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.task import Clock
+
+from delivery.metrics import Metrics
+from delivery.store import open_store
 
 from .daemon_harness import ADMIN, start_daemon, write_config, write_registration
-from .harness import event
+from .harness import event, make_service, registration
 from .receiver import HS_TOKEN, start_receiver, stop_receiver
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -80,3 +85,74 @@ async def test_metrics_move_as_events_flow(tmp_path: Path, reactor: Any, receive
     finally:
         await running.daemon.stopService()
         await stop_receiver(down)
+
+
+def latencies(metrics: Metrics, service_id: str) -> tuple[float, float]:
+    """How many events the end-to-end latency histogram holds for a service, and their sum."""
+    name, labels = "delivery_end_to_end_latency_seconds", {"service": service_id}
+    count = metrics.registry.get_sample_value(f"{name}_count", labels) or 0.0
+    return count, metrics.registry.get_sample_value(f"{name}_sum", labels) or 0.0
+
+
+@pytest_twisted.ensureDeferred
+async def test_latency_counts_the_events_resent_after_an_outage(
+    db_url: str, reactor: Any, receiver: Any
+) -> None:
+    clock = Clock()
+    clock.advance(1000)
+    regs = [
+        registration("a", receiver.url, users=".*", initial_delay=10, max_delay=10, probe=False)
+    ]
+    service, recorder, _ = make_service(open_store(db_url, reactor), regs, reactor, clock=clock)
+    metrics = Metrics(clock)
+    service.observe(metrics)
+    receiver.answer(503)
+    service.startService()
+    try:
+        down = recorder.wait_for_state("a", "down")
+        await service.submit([event(1), event(2)])  # at 1000, sent and refused: stored
+        await down
+        clock.advance(5)
+        await service.submit([event(3)])  # at 1005, queued while DOWN
+        await service.routed()
+        receiver.answer(200)
+        up = recorder.wait_for_state("a", "up")
+        clock.advance(20)  # past the retry (10 s, +-20 %): everything is sent at 1025
+        await up
+        await recorder.wait_for_acks(2)
+    finally:
+        await service.stopService()
+    assert receiver.event_ids == ["$e1", "$e2", "$e3"]
+    assert latencies(metrics, "a") == pytest.approx((3, 25 + 25 + 20))
+
+
+@pytest_twisted.ensureDeferred
+async def test_latency_counts_the_events_resent_after_a_restart_and_a_split(
+    db_url: str, reactor: Any, receiver: Any
+) -> None:
+    clock = Clock()
+    clock.advance(1000)
+    regs = [registration("a", receiver.url, users=".*", initial_delay=3600, max_delay=3600)]
+    service, recorder, _ = make_service(open_store(db_url, reactor), regs, reactor, clock=clock)
+    receiver.answer(503)
+    service.startService()
+    try:
+        down = recorder.wait_for_state("a", "down")
+        await service.submit([event(1), event(2)])  # at 1000, sent and refused: stored
+        await down
+    finally:
+        await service.stopService()
+
+    clock.advance(60)
+    receiver.answer(200)
+    receiver.then(413)  # the resend is too large: its halves go, each with its events' times
+    service, recorder, _ = make_service(open_store(db_url, reactor), regs, reactor, clock=clock)
+    metrics = Metrics(clock)
+    service.observe(metrics)
+    service.startService()
+    try:
+        await recorder.wait_for_acks(2)  # recovered first at start, at 1060
+    finally:
+        await service.stopService()
+    assert [r.event_ids for r in receiver.requests[1:]] == [["$e1", "$e2"], ["$e1"], ["$e2"]]
+    assert latencies(metrics, "a") == pytest.approx((2, 60 + 60))

@@ -34,7 +34,13 @@ async def test_the_window_is_bounded_and_refilled_in_order(store: Any) -> None:
         if not batch:
             break
         await store.store_transaction(
-            "a", batch[0].stream_id, batch[-1].stream_id, len(batch), b"{}", 0.0
+            "a",
+            batch[0].stream_id,
+            batch[-1].stream_id,
+            len(batch),
+            b"{}",
+            0.0,
+            [q.received_ts for q in batch],
         )
         pool.remove("a", len(batch))
         seen.extend(q.stream_id for q in batch)
@@ -49,7 +55,7 @@ async def test_events_routed_while_the_window_is_full_are_read_back_later(store:
     assert [q.stream_id for q in first] == list(range(1, 11))
     pool.add("a", queued[10:])  # the window is full: these stay in the database only
     assert pool.pending("a") == 10
-    await store.store_transaction("a", 1, 10, 10, b"{}", 0.0)
+    await store.store_transaction("a", 1, 10, 10, b"{}", 0.0, [q.received_ts for q in first])
     pool.remove("a", 10)
     second = await pool.batch("a", 100, 10**6)
     assert [q.stream_id for q in second] == list(range(11, 21))

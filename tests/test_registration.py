@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from delivery import DeliveryOptions, InvalidRegistrationError, Namespace, Registration
 
-from .harness import event, make_service
+from .harness import event, make_service, txn_id
 from .receiver import HS_TOKEN, Receiver
 
 AS_TOKEN = "wfghWEGh3wgWHEf3478sHFWE"
@@ -237,7 +237,7 @@ async def test_trailing_slash_url_sends_to_the_right_path(
     finally:
         await service.stopService()
     assert receiver.event_ids == ["$e1"]
-    assert receiver.requests[0].txn_id == "1"
+    assert receiver.requests[0].txn_id == str(txn_id(store, 1))
 
 
 # -- secrets --

@@ -12,7 +12,7 @@ import pytest_twisted
 
 from delivery.store import open_store
 
-from .harness import event, make_service, registration
+from .harness import event, make_service, registration, txn_id, txn_ids
 
 
 def started(db_url: str, reactor: Any, **options: Any) -> Any:
@@ -29,13 +29,18 @@ async def test_a_transaction_too_large_is_halved_with_new_ids_in_order(db_url, r
     try:
         await service.submit([event(n) for n in range(4)])
         await recorder.wait_for_acks(2)
+        one, two, three = txn_ids(service.store, 1, 2, 3)
         assert [(r.txn_id, r.event_ids) for r in receiver.requests] == [
-            ("1", ["$e0", "$e1", "$e2", "$e3"]),
-            ("2", ["$e0", "$e1"]),
-            ("3", ["$e2", "$e3"]),
+            (one, ["$e0", "$e1", "$e2", "$e3"]),
+            (two, ["$e0", "$e1"]),
+            (three, ["$e2", "$e3"]),
         ]
         status = await service.status("a")
-        assert (status.state, status.stored_transactions, status.last_txn_id) == ("up", 0, 3)
+        assert (status.state, status.stored_transactions, status.last_txn_id) == (
+            "up",
+            0,
+            txn_id(service.store, 3),
+        )
         assert recorder.states == []  # never DOWN
     finally:
         await service.stopService()
@@ -80,9 +85,13 @@ async def test_refused_content_is_bisected_after_three_attempts(db_url, reactor,
         clock.advance(1.2)  # the third attempt: bisect
         await recorder.wait_for_state("a", "up")
         await recorder.wait_for(lambda: receiver.event_ids == ["$e0", "$e1", "$e3"])
-        assert [r.txn_id for r in receiver.accepted] == ["2", "5"]
+        assert [r.txn_id for r in receiver.accepted] == txn_ids(service.store, 2, 5)
         (letter,) = await service.dead_letters("a")
-        assert (letter.event_id, letter.status, letter.txn_id) == ("$e2", status, 4)
+        assert (letter.event_id, letter.status, letter.txn_id) == (
+            "$e2",
+            status,
+            txn_id(service.store, 4),
+        )
         assert "bad event" in (letter.answer or "")
         assert (await service.status("a")).stored_transactions == 0
         # the rest keeps flowing
@@ -152,7 +161,7 @@ async def test_a_service_gone_is_disabled_until_enabled(db_url, reactor, receive
         await service.enable("a")
         await up
         await recorder.wait_for(lambda: receiver.event_ids == ["$e1", "$e2"])
-        assert [r.txn_id for r in receiver.requests] == ["1", "1", "2"]
+        assert [r.txn_id for r in receiver.requests] == txn_ids(service.store, 1, 1, 2)
     finally:
         await service.stopService()
 
@@ -200,6 +209,6 @@ async def test_enabled_after_a_recovery_the_stored_transaction_still_goes_first(
         await service.enable("a")
         await up
         await recorder.wait_for(lambda: receiver.event_ids == ["$e1", "$e2", "$e3"])
-        assert [r.txn_id for r in receiver.requests] == ["1", "1", "2", "2", "3"]
+        assert [r.txn_id for r in receiver.requests] == txn_ids(service.store, 1, 1, 2, 2, 3)
     finally:
         await service.stopService()

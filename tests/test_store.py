@@ -16,7 +16,7 @@ from delivery.records import Ingested
 from delivery.store import SchemaTooNewError, SQLiteStore, _sql, open_store
 from delivery.store._schema import SCHEMA_VERSION
 
-from .harness import event
+from .harness import event, txn_id
 
 
 @pytest.mark.parametrize(
@@ -93,19 +93,18 @@ async def test_sorting_and_cutting_keep_the_queue_consistent(store: Any) -> None
     assert await store.sorter_position() == 5
     queued = await store.queued("a", 0, 3)
     assert [q.stream_id for q in queued] == [1, 2, 3]
-    txn_id = await store.store_transaction("a", 1, 3, 3, b"body", 1.0)
-    assert txn_id == 1
+    assert await store.store_transaction("a", 1, 3, 3, b"body", 1.0, [0.0] * 3) == txn_id(store, 1)
     assert [q.stream_id for q in await store.queued("a", 0, 10)] == [4, 5]
     summary = await store.summary("a")
     assert (summary.queued_events, summary.stored_transactions) == (2, 1)
     # a cut that does not match the queue is refused, and changes nothing
     with pytest.raises(RuntimeError, match="expected 3"):
-        await store.store_transaction("a", 4, 5, 3, b"body", 1.0)
+        await store.store_transaction("a", 4, 5, 3, b"body", 1.0, [0.0] * 3)
     assert [q.stream_id for q in await store.queued("a", 0, 10)] == [4, 5]
-    assert (await store.services())["a"].last_txn_id == 1
-    await store.complete_transaction("a", 1, 2.0)
+    assert (await store.services())["a"].last_txn_id == txn_id(store, 1)
+    await store.complete_transaction("a", txn_id(store, 1), 2.0)
     assert await store.oldest_transaction("a") is None
-    assert (await store.store_transaction("a", 4, 5, 2, b"more", 3.0)) == 2
+    assert await store.store_transaction("a", 4, 5, 2, b"more", 3.0, [0.0] * 2) == txn_id(store, 2)
 
 
 @pytest_twisted.ensureDeferred
@@ -113,9 +112,9 @@ async def test_failures_are_recorded_on_the_transaction_and_the_service(store: A
     await store.ensure_services(["a"])
     ids = (await store.insert_events(prepare([event(1)]), 0.0)).stream_ids
     await store.commit_sorted(ids[-1], [("a", ids[0])], ())
-    await store.store_transaction("a", 1, 1, 1, b"body", 1.0)
-    await store.record_failure("a", 1, 5.0, "HTTP 500", 1, 6.0)
-    await store.record_failure("a", 1, 7.0, "connection refused", 2, 9.0)
+    first = await store.store_transaction("a", 1, 1, 1, b"body", 1.0, [0.0])
+    await store.record_failure("a", first, 5.0, "HTTP 500", 1, 6.0)
+    await store.record_failure("a", first, 7.0, "connection refused", 2, 9.0)
     txn = await store.oldest_transaction("a")
     assert (txn.attempts, txn.first_attempt_ts, txn.last_attempt_ts, txn.last_error) == (
         2,

@@ -3,9 +3,23 @@ The versioned schema, for every store. Dialect differences live here and only he
 
 A migration is a list of statements applied in one transaction together with the new
 version number; they are applied in order at start-up, each once.
+
+Every database has an *instance number*, drawn at random when it is created (or when a
+database made before there were instance numbers is migrated) and never changed. A
+service's transaction ids are the instance's block, ``instance * TXN_ID_BLOCK``, plus a
+count: ``services.last_txn_id`` holds the last id given out and starts at the block, so
+ids grow per service as before, and a new database (a reset, a move from SQLite to
+PostgreSQL, an embedded copy) gives out ids no receiver has seen from another one (two
+databases share a number once in 9 million). ``instance.purged_txn_id`` is the highest id
+a purged service had been given: a service registered later starts above it, so a
+service purged and registered again never repeats an id either. Ids stay below 2**53,
+which JSON readers hold exactly, for the first 7 * 10**12 transactions of a service (and
+in their block for the first 10**9).
 """
 
 from __future__ import annotations
+
+import secrets
 
 import attrs
 
@@ -40,6 +54,24 @@ POSTGRES = Dialect(
 )
 
 
+#: ids per instance: a service's ids are ``instance * TXN_ID_BLOCK + n``, n = 1, 2, ...
+TXN_ID_BLOCK = 10**9
+#: instance numbers are drawn from 1 up to (not including) this
+MAX_INSTANCE = 9_000_000
+
+
+def new_instance() -> int:
+    """A fresh instance number, uniformly in ``[1, MAX_INSTANCE)``."""
+    return 1 + secrets.randbelow(MAX_INSTANCE - 1)
+
+
+def txn_id_base(instance: int) -> int:
+    """The last transaction id of a service that has had none yet: the first is one more."""
+    return instance * TXN_ID_BLOCK
+
+
+# Statements are formatted with the dialect's fields, and with ``instance`` and
+# ``txn_id_base``: the number a database being migrated gets, if it has none yet.
 _MIGRATIONS: list[list[str]] = [
     # 1: the first schema
     [
@@ -114,15 +146,36 @@ _MIGRATIONS: list[list[str]] = [
         """,
         "CREATE INDEX dead_letters_by_service ON dead_letters (service_id, stream_id)",
     ],
+    # 3: the instance number, and every service's ids moved into its block (transactions
+    # stored already keep their lower ids and go first, oldest first, as before)
+    [
+        """
+        CREATE TABLE instance (
+            lock INTEGER PRIMARY KEY CHECK (lock = 0),
+            number {bigint} NOT NULL,
+            purged_txn_id {bigint} NOT NULL DEFAULT 0
+        )
+        """,
+        "INSERT INTO instance (lock, number) VALUES (0, {instance})",
+        "UPDATE services SET last_txn_id = {txn_id_base} WHERE last_txn_id < {txn_id_base}",
+    ],
+    # 4: when each event of a stored transaction was ingested, for the latency of resent
+    # events: the times packed as little-endian doubles, in body order (``_sql.pack_times``)
+    [
+        "ALTER TABLE transactions ADD COLUMN received_ts {blob}",
+    ],
 ]
 
 #: the version a fully migrated database has
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 
-def migrations(dialect: Dialect, current: int) -> list[tuple[int, list[str]]]:
-    """The migrations a database at version ``current`` still needs, in order."""
-    fields = attrs.asdict(dialect)
+def migrations(dialect: Dialect, current: int, instance: int) -> list[tuple[int, list[str]]]:
+    """
+    The migrations a database at version ``current`` still needs, in order; ``instance``
+    is the number it gets if it has none yet.
+    """
+    fields = {**attrs.asdict(dialect), "instance": instance, "txn_id_base": txn_id_base(instance)}
     return [
         (version, [statement.format(**fields) for statement in _MIGRATIONS[version - 1]])
         for version in range(current + 1, SCHEMA_VERSION + 1)

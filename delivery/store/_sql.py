@@ -9,11 +9,13 @@ asynchronous connection for PostgreSQL). Statements use ``?`` placeholders.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Generator, Sequence
 from typing import Any, Literal, TypeVar
 
 import attrs
 
+from ..errors import DeliveryError
 from ..events import Event, StoredEvent, transaction_body
 from ..interest import RoutingFields
 from ..records import (
@@ -24,7 +26,7 @@ from ..records import (
     ServiceSummary,
     StoredTransaction,
 )
-from ._schema import SCHEMA_VERSION, Dialect, migrations
+from ._schema import SCHEMA_VERSION, Dialect, migrations, new_instance, txn_id_base
 
 T = TypeVar("T")
 
@@ -75,17 +77,22 @@ EVENTS_CHANNEL = "delivery_events"
 
 _TXN_COLUMNS = (
     "service_id, txn_id, body, event_count, first_stream_id, last_stream_id, created_ts,"
-    " attempts, first_attempt_ts, last_attempt_ts, last_error"
+    " attempts, first_attempt_ts, last_attempt_ts, last_error, received_ts"
+)
+_INSERT_TXN = (
+    "INSERT INTO transactions (service_id, txn_id, body, event_count, first_stream_id,"
+    " last_stream_id, created_ts, received_ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _EVENT_COLUMNS = ("event_id", "sender", "room_id", "type", "state_key", "json", "received_ts")
 _EVENT_TYPES = ("text", "text", "text", "text", "text", "bytea", "float8")
 
 
-class SchemaTooNewError(Exception):
+class SchemaTooNewError(DeliveryError):
     """The database was written by a newer version of ``delivery``."""
 
 
-def migrate(dialect: Dialect) -> Steps[None]:
+def migrate(dialect: Dialect) -> Steps[int]:
+    """Bring the schema up to date; the database's instance number (see ``_schema``)."""
     yield Lock(MIGRATE_LOCK)
     yield Query(
         "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)", fetch="count"
@@ -101,10 +108,16 @@ def migrate(dialect: Dialect) -> Steps[None]:
             f"the database is at schema version {current}, newer than this version of "
             f"delivery knows ({SCHEMA_VERSION}): upgrade delivery"
         )
-    for version, statements in migrations(dialect, current):
+    for version, statements in migrations(dialect, current, new_instance()):
         for statement in statements:
             yield Query(statement, fetch="count")
         yield Query("UPDATE schema_version SET version = ?", (version,), fetch="count")
+    return (yield from instance())
+
+
+def instance() -> Steps[int]:
+    row = yield Query("SELECT number FROM instance", fetch="one")
+    return int(row[0])
 
 
 # -- events and sorting --
@@ -200,11 +213,14 @@ def sorter_lag() -> Steps[tuple[int, float | None]]:
 
 def ensure_services(service_ids: Sequence[str]) -> Steps[None]:
     if service_ids:
+        # A new service's ids start in the database's block, above any purged service's.
+        row = yield Query("SELECT number, purged_txn_id FROM instance", fetch="one")
+        base = max(txn_id_base(int(row[0])), int(row[1]))
         yield Insert(
             "services",
-            ("service_id",),
-            ("text",),
-            [(s,) for s in service_ids],
+            ("service_id", "last_txn_id"),
+            ("text", "bigint"),
+            [(s, base) for s in service_ids],
             conflict="ON CONFLICT DO NOTHING",
         )
 
@@ -270,6 +286,13 @@ def purge_service(service_id: str) -> Steps[tuple[int, int]]:
     transactions = yield Query(
         "DELETE FROM transactions WHERE service_id = ?", (service_id,), fetch="count"
     )
+    # Its ids are never given out again, should it be registered again.
+    yield Query(
+        "UPDATE instance SET purged_txn_id = coalesce((SELECT last_txn_id FROM services"
+        " WHERE service_id = ? AND last_txn_id > instance.purged_txn_id), purged_txn_id)",
+        (service_id,),
+        fetch="count",
+    )
     yield Query("DELETE FROM services WHERE service_id = ?", (service_id,), fetch="count")
     return events, transactions
 
@@ -291,6 +314,18 @@ def queued(service_id: str, after: int, limit: int) -> Steps[list[QueuedEvent]]:
     return [QueuedEvent(stream_id, bytes(json), ts) for stream_id, json, ts in rows]
 
 
+def pack_times(times: Sequence[float]) -> bytes:
+    """Times as stored with a transaction: little-endian doubles, one for each event."""
+    return struct.pack(f"<{len(times)}d", *times)
+
+
+def unpack_times(packed: bytes | memoryview | None) -> tuple[float, ...]:
+    """The times of ``pack_times``; none for a transaction stored before they were kept."""
+    if packed is None:
+        return ()
+    return struct.unpack(f"<{len(packed) // 8}d", packed)
+
+
 def store_transaction(
     service_id: str,
     first_stream_id: int,
@@ -298,6 +333,7 @@ def store_transaction(
     event_count: int,
     body: bytes,
     now: float,
+    received_ts: Sequence[float],
 ) -> Steps[int]:
     row = yield Query(
         "UPDATE services SET last_txn_id = last_txn_id + 1 WHERE service_id = ?"
@@ -320,9 +356,17 @@ def store_transaction(
             f"{last_stream_id}, expected {event_count}"
         )
     yield Query(
-        "INSERT INTO transactions (service_id, txn_id, body, event_count,"
-        " first_stream_id, last_stream_id, created_ts) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (service_id, txn_id, body, event_count, first_stream_id, last_stream_id, now),
+        _INSERT_TXN,
+        (
+            service_id,
+            txn_id,
+            body,
+            event_count,
+            first_stream_id,
+            last_stream_id,
+            now,
+            pack_times(received_ts),
+        ),
         fetch="count",
     )
     return txn_id
@@ -334,7 +378,23 @@ def transactions(service_id: str, after: int, limit: int) -> Steps[list[StoredTr
         " ORDER BY txn_id LIMIT ?",
         (service_id, after, limit),
     )
-    return [StoredTransaction(row[0], row[1], bytes(row[2]), *row[3:]) for row in rows]
+    return [
+        StoredTransaction(
+            row[0],
+            row[1],
+            bytes(row[2]),
+            event_count=row[3],
+            first_stream_id=row[4],
+            last_stream_id=row[5],
+            created_ts=row[6],
+            attempts=row[7],
+            first_attempt_ts=row[8],
+            last_attempt_ts=row[9],
+            last_error=row[10],
+            received_ts=unpack_times(row[11]),
+        )
+        for row in rows
+    ]
 
 
 def oldest_transaction(service_id: str) -> Steps[StoredTransaction | None]:
@@ -400,15 +460,18 @@ def split_transaction(
 ) -> Steps[list[StoredTransaction]]:
     """
     Replace a stored transaction by several, in order, with new ids: each part is a list
-    of ``(event_id, json)``.
+    of ``(event_id, json)``, and the parts are its events, in order (each part keeps their
+    ingest times).
     """
     positions = yield from _stream_ids([e for part in parts for e, _ in part])
-    yield Query(
-        "DELETE FROM transactions WHERE service_id = ? AND txn_id = ?",
+    deleted = yield Query(
+        "DELETE FROM transactions WHERE service_id = ? AND txn_id = ? RETURNING received_ts",
         (service_id, txn_id),
-        fetch="count",
+        fetch="one",
     )
+    received = unpack_times(deleted[0] if deleted else None)
     made = []
+    start = 0
     for part in parts:
         row = yield Query(
             "UPDATE services SET last_txn_id = last_txn_id + 1 WHERE service_id = ?"
@@ -425,10 +488,11 @@ def split_transaction(
             min(ids),
             max(ids),
             now,
+            received_ts=received[start : start + len(part)],
         )
+        start += len(part)
         yield Query(
-            "INSERT INTO transactions (service_id, txn_id, body, event_count,"
-            " first_stream_id, last_stream_id, created_ts) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            _INSERT_TXN,
             (
                 service_id,
                 txn.txn_id,
@@ -437,6 +501,7 @@ def split_transaction(
                 txn.first_stream_id,
                 txn.last_stream_id,
                 now,
+                pack_times(txn.received_ts),
             ),
             fetch="count",
         )
