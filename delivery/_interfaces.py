@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import attrs
 from twisted.internet.defer import Deferred
-from zope.interface import Interface
+from zope.interface import Attribute, Interface
 
 from .events import Event, StoredEvent
 from .records import (
@@ -35,8 +35,20 @@ class IStore(IEventSource):
     happens completely or not at all.
     """
 
+    instance = Attribute(
+        "The database's instance number, drawn at random when it was made, once open: a"
+        " service's transaction ids are ``instance * 10**9 + n``, n = 1, 2, ..."
+    )
+
     def open() -> Deferred[None]:
         """Connect and bring the schema up to date (versioned migrations)."""
+
+    def health() -> str | None:
+        """
+        None while the database takes writes; else why it does not, in plain words ("the
+        database cannot be written: disk full (/var/lib/delivery.db)"), from the write that
+        failed so until one commits again. Each change is logged once, by the store.
+        """
 
     def close() -> Deferred[None]:
         """Release every connection."""
@@ -79,11 +91,13 @@ class IStore(IEventSource):
         event_count: int,
         body: bytes,
         now: float,
+        received_ts: Sequence[float],
     ) -> Deferred[int]:
         """
         Store a transaction with the service's next id and take its events (the queued
         events of the service from ``first_stream_id`` to ``last_stream_id``) out of the
-        queue; the new id.
+        queue; the new id. ``received_ts`` are its events' ingest times, in order: kept
+        with it for the latency of a resend.
         """
 
     def oldest_transaction(service_id: str) -> Deferred[StoredTransaction | None]:

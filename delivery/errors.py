@@ -54,3 +54,18 @@ class StoreUnavailableError(DeliveryError):
     effect (a commit whose answer was lost): callers retry, and every write is idempotent
     or checked.
     """
+
+
+class StoreLockedError(DeliveryError):
+    """
+    The SQLite database is in use by another store: another delivery process, or another
+    store in this one. SQLite is single-process: one store has the file at a time.
+    """
+
+
+class StoreConfigurationError(DeliveryError):
+    """
+    The database refused us for a reason that waiting will not cure (no such role or
+    database, a wrong password, a file that cannot be opened): the message names what to
+    fix. Unlike :class:`StoreUnavailableError`, it is not retried.
+    """

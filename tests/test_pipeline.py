@@ -459,15 +459,15 @@ async def test_submitted_events_are_routed_without_reading_them_back(db_url, rea
 
 @pytest_twisted.ensureDeferred
 async def test_other_writers_and_duplicates_between_submits_lose_and_repeat_nothing(
-    db_url, reactor, receiver
+    postgres_url, reactor, receiver
 ):
     """
     Events routed from memory and events read back mix: another writer's events between
     this process's batches, repeated event ids, and more batches in flight than the sorter
-    keeps in memory (MAX_FRESH).
+    keeps in memory (MAX_FRESH). (PostgreSQL: a SQLite file has one store at a time.)
     """
-    service, _, _ = started(db_url, reactor, [registration("a", receiver.url, users=".*")])
-    other = open_store(db_url, reactor)
+    service, _, _ = started(postgres_url, reactor, [registration("a", receiver.url, users=".*")])
+    other = open_store(postgres_url, reactor)
     try:
         await service.started()
         await other.open()

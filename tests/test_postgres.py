@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg2
 import pytest
@@ -14,7 +15,11 @@ import pytest_twisted
 from twisted.internet import task
 from twisted.internet.defer import DeferredList
 
-from delivery.errors import InvalidStoreURLError, StoreUnavailableError
+from delivery.errors import (
+    InvalidStoreURLError,
+    StoreConfigurationError,
+    StoreUnavailableError,
+)
 from delivery.events import prepare
 from delivery.store import PostgresStore, SchemaTooNewError, _sql, open_store
 from delivery.store._schema import SCHEMA_VERSION
@@ -45,7 +50,9 @@ def test_open_store_reads_postgres_urls() -> None:
     store = open_store("postgresql://delivery:secret@db.example:6543/events?sslmode=require")
     assert isinstance(store, PostgresStore)
     assert "secret" not in repr(store)
-    assert repr(store) == "<PostgresStore delivery@db.example:6543/events>"
+    assert repr(store) == (
+        "<PostgresStore postgresql://delivery:***@db.example:6543/events?sslmode=require>"
+    )
     assert isinstance(open_store("postgres://u@h/d"), PostgresStore)
     with pytest.raises(InvalidStoreURLError, match="names no database") as info:
         open_store("postgresql://u:hunter2@h:5432/")
@@ -57,10 +64,50 @@ async def test_an_unreachable_server_is_a_clear_error(reactor: Any) -> None:
     store = open_store("postgresql://nobody@127.0.0.1:1/nothing", reactor)
     with pytest.raises(
         StoreUnavailableError,
-        match=r"cannot connect to PostgreSQL at nobody@127\.0\.0\.1:1/nothing",
+        match=r"cannot connect to PostgreSQL at postgresql://nobody@127\.0\.0\.1:1/nothing",
     ):
         await store.open()
     await store.close()
+
+
+def _with(url: str, user: str | None = None, database: str | None = None) -> str:
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    netloc = f"{user}:hunter2@{host}" if user else parts.netloc
+    return urlunsplit(
+        parts._replace(netloc=netloc, path=f"/{database}" if database else parts.path)
+    )
+
+
+@pytest.mark.parametrize(
+    ("user", "database", "message"),
+    [
+        ("nobody", None, 'role "nobody" does not exist; create it, or fix its name'),
+        (None, "no_such_database", 'database "no_such_database" does not exist; create it'),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_a_connection_refused_for_good_fails_at_once_in_one_line(
+    postgres_url: str, reactor: Any, user: str | None, database: str | None, message: str
+) -> None:
+    url = _with(postgres_url, user, database)
+    store = open_store(url, reactor)
+    with pytest.raises(StoreConfigurationError, match=message) as info:
+        await store.open()
+    await store.close()
+    assert "\n" not in str(info.value)
+    assert "hunter2" not in str(info.value)
+    assert "FATAL" not in str(info.value)
+    # the service does not wait for it to heal: its clock never moves here, and it has
+    # given up all the same
+    service, _, clock = make_service(
+        open_store(url, reactor), [registration("a", "http://127.0.0.1:1")], reactor
+    )
+    service.startService()
+    with pytest.raises(StoreConfigurationError, match=message):
+        await service.started()
+    assert clock.seconds() == 0
+    await service.stopService()
 
 
 @pytest_twisted.ensureDeferred

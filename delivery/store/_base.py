@@ -1,4 +1,9 @@
-"""The store interface implemented once over the operations of ``_sql``."""
+"""
+The store interface implemented once over the operations of ``_sql``, and the store's
+health: ``health()`` is None while the database takes writes, and says why not (disk full,
+read-only, ...) from the write that failed for that reason until one commits again. Each
+change is logged once, in plain words, however many operations fail meanwhile.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred
 
+from .._log import Logger
+from ..errors import StoreUnavailableError
 from ..events import Event, StoredEvent
 from ..records import (
     DeadLetter,
@@ -21,6 +28,8 @@ from ._schema import Dialect
 
 T = TypeVar("T")
 
+log = Logger()
+
 
 class GeneratorStore:
     """
@@ -29,6 +38,36 @@ class GeneratorStore:
     """
 
     dialect: Dialect
+    #: the database's instance number, once open: its transaction ids are
+    #: ``instance * 10**9 + n`` (see ``_schema``)
+    instance: int = 0
+
+    #: why the database cannot be written, while it cannot
+    _problem: str | None = None
+
+    def _migrated(self, instance: int) -> None:
+        self.instance = instance
+
+    def health(self) -> str | None:
+        return self._problem
+
+    def _cannot_write(self, problem: str) -> StoreUnavailableError:
+        """A write failed because of ``problem``: the error for its caller."""
+        message = f"the database cannot be written: {problem}"
+        if message != self._problem:
+            log.error(
+                "the database cannot be written: {problem}; ingest answers 503 and deliveries"
+                " wait until a write works again",
+                problem=problem,
+            )
+            self._problem = message
+        return StoreUnavailableError(message)
+
+    def _written(self) -> None:
+        """A write committed."""
+        if self._problem is not None:
+            log.info("the database can be written again ({was})", was=self._problem)
+            self._problem = None
 
     def _run(self, operation: Callable[..., _sql.Steps[T]], *args: Any) -> Deferred[T]:
         raise NotImplementedError
@@ -89,6 +128,7 @@ class GeneratorStore:
         event_count: int,
         body: bytes,
         now: float,
+        received_ts: Sequence[float],
     ) -> Deferred[int]:
         return self._run(
             _sql.store_transaction,
@@ -98,6 +138,7 @@ class GeneratorStore:
             event_count,
             body,
             now,
+            received_ts,
         )
 
     def oldest_transaction(self, service_id: str) -> Deferred[StoredTransaction | None]:

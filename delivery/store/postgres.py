@@ -16,6 +16,15 @@ asynchronous connections, plus what several processes sharing one database need.
 - Every operation is bounded: one the server does not answer within ``timeout`` seconds is
   abandoned with its connection (which reconnects) and fails with
   :class:`StoreUnavailableError`, so that a dead network never hangs the pool.
+- At open, a connection the server refuses for good (no such role or database, a wrong
+  password, pg_hba.conf) fails at once with :class:`StoreConfigurationError`, which names
+  what to fix; only what can heal (refused, timed out, starting up or shutting down, too
+  many connections, the network) is :class:`StoreUnavailableError`, retried by the service.
+- A write refused because the server's disk is full (SQLSTATE 53100) or the transaction
+  is read-only (25006: a standby) is :class:`StoreUnavailableError` in plain words, and
+  the store's health until a write commits again (see ``_base``).
+- The URL is shown only through ``redact_url``, and the client library's errors only with
+  the URL's passwords hidden.
 """
 
 from __future__ import annotations
@@ -24,7 +33,6 @@ import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
@@ -36,10 +44,11 @@ from zope.interface import implementer
 
 from .._interfaces import IStore
 from .._log import Logger
-from ..errors import StoreUnavailableError
+from ..errors import StoreConfigurationError, StoreUnavailableError
 from . import _sql
 from ._base import GeneratorStore
 from ._schema import POSTGRES
+from ._url import hide_secrets, redact_url
 
 T = TypeVar("T")
 
@@ -48,6 +57,43 @@ log = Logger()
 #: errors that mean the database is not there (or not for now), rather than that a
 #: statement was wrong
 UNAVAILABLE = (psycopg2.OperationalError, psycopg2.InterfaceError)
+
+#: what the server or libpq says when a connection fails for a while only (all else, such
+#: as 'role "x" does not exist', fails for good)
+HEALS = (
+    "connection refused",
+    "no answer within",
+    "timeout expired",
+    "timed out",
+    "starting up",
+    "shutting down",
+    "in recovery mode",
+    "not yet accepting connections",
+    "not currently accepting connections",
+    "too many clients",
+    "too many connections",
+    "connection slots are reserved",
+    "no route to host",
+    "network is unreachable",
+    "host is down",
+    "connection reset",
+    "closed the connection unexpectedly",
+    "could not receive data",
+    "could not send data",
+    "temporary failure in name resolution",
+    "terminating connection",
+    "eof detected",
+    "broken pipe",
+)
+#: what to fix, for the failures that do not heal
+FIXES = (
+    ("does not exist", "create it, or fix its name in the database URL"),
+    ("password", "fix the password in the database URL"),
+    ("pg_hba.conf", "allow this host and user in the server's pg_hba.conf"),
+    ("invalid dsn", "fix the database URL"),
+)
+#: SQLSTATEs of a write the database cannot take for now, in plain words
+UNWRITABLE = {"53100": "disk full", "25006": "read-only"}
 
 #: seconds a connection attempt may take (libpq's ``connect_timeout`` does not apply to
 #: asynchronous connections)
@@ -105,16 +151,19 @@ def _array_literal(kind: str, values: Sequence[Any]) -> str:
     return "{" + ",".join(items) + "}"
 
 
-async def drive(cursor: Any, steps: _sql.Steps[T]) -> T:
+async def drive(cursor: Any, steps: _sql.Steps[T]) -> tuple[T, bool]:
     """
     Run an operation's statements on a txpostgres cursor, in one transaction that this
-    begins and commits. Statements whose results are not needed (``BEGIN``, locks,
-    ``NOTIFY``, ``COMMIT``) travel with the next one: a round trip less each.
+    begins and commits: its value, and whether it wrote. Statements whose results are not
+    needed (``BEGIN``, locks, ``NOTIFY``, ``COMMIT``) travel with the next one: a round
+    trip less each.
     """
     before = ["BEGIN"]
+    wrote = False
     try:
         op = next(steps)
         while True:
+            wrote = wrote or _writes(op)
             if isinstance(op, _sql.Lock):
                 before.append(f"SELECT pg_advisory_xact_lock({int(op.key)})")
                 result = None
@@ -126,14 +175,21 @@ async def drive(cursor: Any, steps: _sql.Steps[T]) -> T:
             op = steps.send(result)
     except StopIteration as done:
         await cursor.execute(_take(before) + "COMMIT")
-        return done.value  # type: ignore[no-any-return]
+        return done.value, wrote
 
 
-def describe(url: str) -> str:
-    """The database a URL names, without its password."""
-    parts = urlsplit(url)
-    user = f"{parts.username}@" if parts.username else ""
-    return f"{user}{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"
+def _writes(op: _sql.Op) -> bool:
+    return isinstance(op, _sql.Insert) or (
+        isinstance(op, _sql.Query) and not op.sql.lstrip().upper().startswith("SELECT")
+    )
+
+
+def _fix(error: object) -> str | None:
+    """What to fix, if a failure to connect will not heal by waiting; None if it may."""
+    text = str(error).lower()
+    if any(words in text for words in HEALS):
+        return None
+    return next((fix for words, fix in FIXES if words in text), "fix the database URL")
 
 
 @implementer(IStore)
@@ -169,7 +225,11 @@ class PostgresStore(GeneratorStore):
         self._outage: _Outage | None = None
 
     def __repr__(self) -> str:
-        return f"<PostgresStore {describe(self.url)}>"
+        return f"<PostgresStore {redact_url(self.url)}>"
+
+    def _say(self, error: object) -> str:
+        """The first line of an error, with the URL's passwords hidden."""
+        return hide_secrets(_first_line(error), self.url)
 
     # -- opening and closing --
 
@@ -179,7 +239,7 @@ class PostgresStore(GeneratorStore):
             await self._connect(links)
             self._pool = _Pool(links)
         # A migration may take long on a big database: it is not bounded.
-        await self._operation(_sql.migrate(self.dialect), None)
+        self._migrated(await self._operation(_sql.migrate(self.dialect), None))
         if self._listener is None:
             listener = _Link(self, prepare=self._start_listening)
             await self._connect([listener])
@@ -192,8 +252,14 @@ class PostgresStore(GeneratorStore):
         except Exception as e:
             for link in links:
                 link.close()
+            fix = _fix(e)
+            if fix is not None:
+                raise StoreConfigurationError(
+                    f"PostgreSQL at {redact_url(self.url)} refused the connection:"
+                    f" {self._say(e)}; {fix}"
+                ) from None
             raise StoreUnavailableError(
-                f"cannot connect to PostgreSQL at {describe(self.url)}: {_first_line(e)}"
+                f"cannot connect to PostgreSQL at {redact_url(self.url)}: {self._say(e)}"
             ) from None
 
     def open(self) -> Deferred[None]:
@@ -257,7 +323,7 @@ class PostgresStore(GeneratorStore):
     ) -> T:
         deadline = _Deadline(self._reactor, timeout, connection)
         try:
-            return await drive(connection.cursor(), steps)
+            value, wrote = await drive(connection.cursor(), steps)
         except Exception as e:
             # The server ends a transaction whose COMMIT failed; any other failure leaves
             # it open. A connection that cannot even roll back is of no more use.
@@ -265,27 +331,33 @@ class PostgresStore(GeneratorStore):
             why = TimeoutError(f"no answer within {timeout} s") if deadline.expired else e
             if not usable:
                 link.lost(connection, why)
+            problem = UNWRITABLE.get(getattr(e, "pgcode", None) or "")
+            if problem is not None:
+                raise self._cannot_write(f"{problem} ({redact_url(self.url)})") from None
             if not usable or isinstance(e, UNAVAILABLE):
                 raise StoreUnavailableError(
-                    f"PostgreSQL at {describe(self.url)} is unavailable: {_first_line(why)}"
+                    f"PostgreSQL at {redact_url(self.url)} is unavailable: {self._say(why)}"
                 ) from None
             raise
         finally:
             deadline.cancel()
+        if wrote:
+            self._written()
+        return value
 
     def _unavailable(self) -> StoreUnavailableError:
         why = f"{self._outage.error}; reconnecting" if self._outage else "reconnecting"
-        return StoreUnavailableError(f"PostgreSQL at {describe(self.url)} is unavailable: {why}")
+        return StoreUnavailableError(f"PostgreSQL at {redact_url(self.url)} is unavailable: {why}")
 
     # -- outages, as the links tell of them: logged once each --
 
     def _link_down(self, link: _Link, error: object) -> None:
         if self._outage is None:
-            self._outage = _Outage(self._reactor.seconds(), _first_line(error))
+            self._outage = _Outage(self._reactor.seconds(), self._say(error))
             log.warn(
                 "lost the connection to PostgreSQL at {db}: {error}; reconnecting with"
                 " backoff, and until then every operation fails at once",
-                db=describe(self.url),
+                db=redact_url(self.url),
                 error=self._outage.error,
             )
         self._down.add(link)
@@ -297,8 +369,8 @@ class PostgresStore(GeneratorStore):
             self._outage.retrying = True
             log.info(
                 "cannot reconnect to PostgreSQL at {db} yet: {error}; still trying",
-                db=describe(self.url),
-                error=_first_line(error),
+                db=redact_url(self.url),
+                error=self._say(error),
             )
 
     def _link_up(self, link: _Link) -> None:
@@ -307,7 +379,7 @@ class PostgresStore(GeneratorStore):
             began, self._outage = self._outage.began, None
             log.info(
                 "reconnected to PostgreSQL at {db} after {seconds:.1f} s",
-                db=describe(self.url),
+                db=redact_url(self.url),
                 seconds=self._reactor.seconds() - began,
             )
         if self._pool is not None:
@@ -555,4 +627,5 @@ def _detached(d: Deferred[T]) -> Deferred[T]:
 
 def _first_line(error: object) -> str:
     text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    # the server's own prefix ("FATAL:  role ... does not exist") says nothing more
+    return text.splitlines()[0].removeprefix("FATAL:").strip() if text else type(error).__name__
