@@ -2,11 +2,20 @@
 The daemon's HTTP API on twisted.web: ingest, administration, health and metrics.
 
 JSON in and out; every error is ``{"errcode": "...", "error": "..."}`` in the Matrix style.
-Only ``GET /health`` answers without a token. ``docs/openapi.yaml`` describes all of it.
+Only ``/health`` answers without a token. ``docs/openapi.yaml`` describes all of it.
+
+A request is judged on its headers before its body is read (``Api.screen``: the route,
+the method, one ``Authorization`` header with the route's token, ``Content-Type:
+application/json`` on a body): whatever fails there is answered at once and the
+connection closed, so a client without a token never makes the daemon store a byte of
+its body. The site (:func:`make_site`) also caps the open connections and gives a body a
+deadline once its headers are in. Bodies are UTF-8 JSON, with no key twice in an object.
+An error quotes at most a short prefix of what it refuses.
 """
 
 from __future__ import annotations
 
+import codecs
 import hmac
 import io
 import json
@@ -17,8 +26,10 @@ from urllib.parse import unquote
 
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
-from twisted.web import resource, server
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.python.failure import Failure
+from twisted.web import http, resource, server
+from twisted.web.http_headers import Headers
 
 from ._log import Logger
 from .errors import (
@@ -27,6 +38,7 @@ from .errors import (
     StoreUnavailableError,
     UnknownServiceError,
 )
+from .events import shorten
 from .metrics import Metrics
 from .records import DeadLetter, StoredTransaction
 from .service import DeliveryService, ReloadResult, ServiceRegisteredError, ServiceStatus
@@ -39,6 +51,8 @@ _DIGITS = re.compile(r"[0-9]{1,19}")
 #: the most dead letters one request names
 MAX_IDS = 1000
 METRICS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+#: how a body may be labelled: application/json, with at most a charset of utf-8
+_CHARSET = re.compile(rb'\s*charset\s*=\s*("?)utf-8\1\s*', re.IGNORECASE)
 
 
 class ApiError(Exception):
@@ -62,6 +76,18 @@ class Limits:
     max_concurrent_ingests: int = 64
     #: seconds /health waits for the database
     health_timeout: float = 5.0
+
+
+@attrs.frozen
+class Connections:
+    """What the site allows a connection."""
+
+    #: open connections at once; one more is answered 503 and closed
+    max_connections: int = 512
+    #: seconds a body may take to arrive once its headers are in
+    body_timeout: float = 30.0
+    #: seconds a connection may sit idle
+    idle_timeout: float = 60.0
 
 
 @attrs.frozen
@@ -96,20 +122,131 @@ class LimitedRequest(server.Request):
         super().handleContentChunk(data)  # type: ignore[no-untyped-call]
 
 
-def make_site(api: Api, max_body: int, idle_timeout: float = 60) -> server.Site:
-    """A Site for the API: body size limit, idle connections closed, no access log."""
+class _Channel(http.HTTPChannel):
+    """
+    One connection of an :class:`ApiSite`. A request that :meth:`Api.screen` refuses on
+    its headers, a connection over the cap and a body past its deadline are answered at
+    once (``HTTPChannel`` would read the body first) and the connection is closed; a
+    refused connection reads nothing more.
+    """
 
-    class Request(LimitedRequest):
-        pass
+    site: ApiSite
+    _refused = False
+    _body_deadline: IDelayedCall | None = None
 
-    Request.max_body = max_body
-    # Bodies are JSON: no form parsing by twisted.web (it answers malformed forms itself).
-    site = server.Site(
-        api, requestFactory=Request, timeout=idle_timeout, parsePOSTFormSubmission=False
-    )
-    site.noisy = False
-    site.log = lambda request: None  # type: ignore[method-assign]  # one line per request is noise
-    return site
+    def connectionMade(self) -> None:
+        super().connectionMade()  # type: ignore[no-untyped-call]
+        self.site.open_connections += 1
+        cap = self.site.connections.max_connections
+        if self.site.open_connections > cap:
+            self._refuse(
+                ApiError(
+                    503,
+                    "M_UNAVAILABLE",
+                    f"more than {cap} connections are open; retry shortly",
+                    {"Retry-After": "1"},
+                )
+            )
+
+    def allHeadersReceived(self) -> None:
+        # Before the body (and before "100 Continue" would invite it).
+        try:
+            self.site.api.screen(
+                self._command, self._path, self.requests[-1].requestHeaders, self.length != 0
+            )
+        except ApiError as e:
+            self._refuse(e)
+            return
+        super().allHeadersReceived()  # type: ignore[no-untyped-call]
+        if self.length != 0:
+            self._body_deadline = self.callLater(  # type: ignore[no-untyped-call]
+                self.site.connections.body_timeout, self._body_too_slow
+            )
+
+    def _body_too_slow(self) -> None:
+        self._body_deadline = None
+        timeout = self.site.connections.body_timeout
+        self._refuse(
+            ApiError(408, "M_UNKNOWN", f"the request body did not arrive within {timeout:g} s")
+        )
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if not self._refused:
+            super().rawDataReceived(data)
+
+    def allContentReceived(self) -> None:
+        self._cancel_deadline()
+        if not self._refused:
+            super().allContentReceived()  # type: ignore[no-untyped-call]
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self._cancel_deadline()
+        self.site.open_connections -= 1
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]
+
+    def _cancel_deadline(self) -> None:
+        deadline, self._body_deadline = self._body_deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+
+    def _refuse(self, error: ApiError) -> None:
+        """Answer ``error`` and close, reading nothing more of this connection."""
+        self._refused = True
+        self._cancel_deadline()
+        assert self.transport is not None
+        body = _error_json(error.errcode, error.error)
+        reason = http.RESPONSES.get(error.status, b"Error")
+        head = [
+            b"HTTP/1.1 %d %s" % (error.status, reason),
+            b"Content-Type: " + JSON_TYPE,
+            b"Content-Length: %d" % len(body),
+            b"Connection: close",
+            *(f"{name}: {value}".encode("latin-1") for name, value in error.headers.items()),
+        ]
+        self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        self.loseConnection()  # type: ignore[no-untyped-call]
+
+
+class ApiSite(server.Site):
+    """
+    The API's site: counts its open connections and hands every request to the Api's
+    :meth:`Api.screen` as soon as its headers are in (see :class:`_Channel`).
+    """
+
+    protocol = _Channel  # type: ignore[assignment]  # plain HTTP/1.1 (HTTP/2 needs TLS)
+
+    def __init__(
+        self, api: Api, max_body: int, connections: Connections, reactor: IReactorTime | None
+    ) -> None:
+        class Request(LimitedRequest):
+            pass
+
+        Request.max_body = max_body
+        # Bodies are JSON: no form parsing by twisted.web (it answers malformed forms itself).
+        super().__init__(  # type: ignore[no-untyped-call]
+            api,
+            requestFactory=Request,
+            timeout=connections.idle_timeout,
+            reactor=reactor,
+            parsePOSTFormSubmission=False,
+        )
+        self.api = api
+        self.connections = connections
+        self.open_connections = 0
+        self.noisy = False
+
+    def log(self, request: http.Request) -> None:
+        """No access log: one line per request is noise."""
+
+
+def make_site(
+    api: Api,
+    max_body: int,
+    connections: Connections = Connections(),
+    reactor: IReactorTime | None = None,
+) -> ApiSite:
+    """A site for the API: body size limit, connection cap, timeouts, no access log."""
+    return ApiSite(api, max_body, connections, reactor)
 
 
 Handler = Callable[..., Awaitable[tuple[int, Any]]]
@@ -121,6 +258,8 @@ class _Route:
     pattern: re.Pattern[str]
     token: str | None  # which token: "ingest", "admin", "metrics", or None
     handler: Handler
+    #: whether the handler reads a JSON body (which must then say so in Content-Type)
+    body: bool = False
 
 
 class Api(resource.Resource):
@@ -146,7 +285,7 @@ class Api(resource.Resource):
         self._ingesting = 0
         segment = r"(?P<service_id>[^/]+)"
         self._routes = [
-            _Route(b"POST", re.compile(r"/v1/events"), "ingest", self.ingest),
+            _Route(b"POST", re.compile(r"/v1/events"), "ingest", self.ingest, body=True),
             _Route(b"GET", re.compile(r"/v1/services"), "admin", self.list_services),
             _Route(b"GET", re.compile(rf"/v1/services/{segment}"), "admin", self.get_service),
             _Route(b"POST", re.compile(rf"/v1/services/{segment}/retry"), "admin", self.retry),
@@ -169,15 +308,18 @@ class Api(resource.Resource):
                 re.compile(rf"/v1/services/{segment}/dead-letters/redrive"),
                 "admin",
                 self.redrive,
+                body=True,
             ),
             _Route(
                 b"POST",
                 re.compile(rf"/v1/services/{segment}/dead-letters/discard"),
                 "admin",
                 self.discard,
+                body=True,
             ),
             _Route(b"POST", re.compile(r"/v1/reload"), "admin", self.reload),
             _Route(b"GET", re.compile(r"/health"), None, self.health),
+            _Route(b"HEAD", re.compile(r"/health"), None, self.health),
             _Route(b"GET", re.compile(r"/metrics"), "metrics", self.render_metrics),
         ]
 
@@ -213,37 +355,55 @@ class Api(resource.Resource):
             request.write(body)
         else:
             request.setHeader(b"Content-Type", JSON_TYPE)
-            request.write(json.dumps(body, separators=(",", ":")).encode())
+            request.write(_dumps(body))
         request.finish()
 
     async def _dispatch(self, request: server.Request) -> tuple[int, Any]:
-        path = request.path.decode("utf-8", "replace")
+        # Screened already when the request came through an ApiSite; again here for any
+        # other site, and for a reload that changed the tokens in between.
+        route, match = self.screen(
+            request.method, request.path, request.requestHeaders, self._has_body(request)
+        )
+        args = {k: unquote(v) for k, v in match.groupdict().items()}
+        return await route.handler(request, **args)
+
+    def screen(
+        self, method: bytes, raw_path: bytes, headers: Headers, has_body: bool
+    ) -> tuple[_Route, re.Match[str]]:
+        """
+        The route of a request, judged on its headers alone.
+
+        :raises ApiError: 404 or 405 for no such route; 400 for two ``Authorization``
+            headers, 401 without the route's token; 415 for a body that is not labelled
+            JSON.
+        """
+        path = raw_path.partition(b"?")[0].decode("utf-8", "replace")
         found = [(r, m) for r in self._routes if (m := r.pattern.fullmatch(path)) is not None]
         if not found:
-            raise ApiError(404, "M_UNRECOGNIZED", f"no endpoint at {path}")
-        chosen = [(r, m) for r, m in found if r.method == request.method]
+            raise ApiError(404, "M_UNRECOGNIZED", f"no endpoint at {shorten(path)}")
+        chosen = [(r, m) for r, m in found if r.method == method]
         if not chosen:
             allowed = ", ".join(sorted(r.method.decode() for r, _ in found))
-            method = request.method.decode("ascii", "replace")
+            given = shorten(method.decode("ascii", "replace"))
             raise ApiError(
                 405,
                 "M_UNRECOGNIZED",
-                f"{method} is not allowed on {path}; use {allowed}",
+                f"{given} is not allowed on {shorten(path)}; use {allowed}",
                 {"Allow": allowed},
             )
         route, match = chosen[0]
         if route.token is not None:
-            self._authorize(request, getattr(self.tokens, route.token))
-        args = {k: unquote(v) for k, v in match.groupdict().items()}
-        return await route.handler(request, **args)
+            _authorize(headers, getattr(self.tokens, route.token))
+        if route.body and has_body:
+            _require_json(headers)
+        return route, match
 
-    def _authorize(self, request: server.Request, expected: str) -> None:
-        header = request.getHeader(b"Authorization")
-        scheme, _, given = (header or b"").partition(b" ")
-        if scheme.lower() != b"bearer" or not given.strip():
-            raise ApiError(401, "M_MISSING_TOKEN", "send Authorization: Bearer <token>")
-        if not hmac.compare_digest(given.strip(), expected.encode()):
-            raise ApiError(401, "M_UNKNOWN_TOKEN", "the token is not valid for this endpoint")
+    @staticmethod
+    def _has_body(request: server.Request) -> bool:
+        if getattr(request, "too_large", False):
+            return True
+        assert request.content is not None
+        return bool(request.content.seek(0, io.SEEK_END))
 
     # -- reading requests --
 
@@ -259,11 +419,7 @@ class Api(resource.Resource):
         return request.content.read()  # type: ignore[no-any-return]
 
     def _json_body(self, request: server.Request) -> Any:
-        raw = self._raw_body(request)
-        try:
-            return json.loads(raw, parse_constant=_no_constants)
-        except (ValueError, RecursionError) as e:
-            raise ApiError(400, "M_NOT_JSON", f"the body is not valid JSON: {e}") from None
+        return parse_json(self._raw_body(request))
 
     @staticmethod
     def _int_arg(request: server.Request, name: str, default: int, lo: int, hi: int) -> int:
@@ -423,6 +579,10 @@ class Api(resource.Resource):
         }
 
     async def health(self, request: server.Request) -> tuple[int, Any]:
+        problem = self.delivery.store.health()
+        if problem is not None:
+            # (the store logs each change of its health; this answers while it lasts)
+            return 503, {"errcode": "M_UNAVAILABLE", "error": problem}
         ping = self.delivery.store.ping()
         ping.addTimeout(self.limits.health_timeout, self.clock)
         try:
@@ -438,8 +598,99 @@ class Api(resource.Resource):
         return 200, await self.metrics.render(self.delivery)
 
 
+def _authorize(headers: Headers, expected: str) -> None:
+    """Refuse a request without exactly one ``Authorization: Bearer <expected>``."""
+    given_headers = headers.getRawHeaders(b"Authorization") or []
+    if len(given_headers) > 1:
+        raise ApiError(
+            400,
+            "M_INVALID_PARAM",
+            f"{len(given_headers)} Authorization headers; send one: Authorization: Bearer <token>",
+        )
+    scheme, _, given = (given_headers[0] if given_headers else b"").partition(b" ")
+    if scheme.lower() != b"bearer" or not given.strip():
+        raise ApiError(401, "M_MISSING_TOKEN", "send Authorization: Bearer <token>")
+    if not hmac.compare_digest(given.strip(), expected.encode()):
+        raise ApiError(401, "M_UNKNOWN_TOKEN", "the token is not valid for this endpoint")
+
+
+def _require_json(headers: Headers) -> None:
+    """Refuse a body not labelled ``application/json`` (with, at most, charset utf-8)."""
+    labels = headers.getRawHeaders(b"Content-Type") or []
+    media, *parameters = labels[0].split(b";") if len(labels) == 1 else [b""]
+    if media.strip().lower() != JSON_TYPE or not all(_CHARSET.fullmatch(p) for p in parameters):
+        given = ", ".join(label.decode("latin-1") for label in labels) or "none"
+        raise ApiError(
+            415,
+            "M_UNRECOGNIZED",
+            f"send the body as Content-Type: application/json (UTF-8), not {shorten(given)}",
+        )
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object's pairs as a dict; refused if a key comes twice (the dict is shorter)."""
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return value
+
+
 def _no_constants(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
+
+
+_decoder = json.JSONDecoder(object_pairs_hook=_unique, parse_constant=_no_constants)
+#: byte order marks of UTF-16 (and so of UTF-32, which start alike)
+_WIDE_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+
+
+def parse_json(raw: bytes) -> Any:
+    """
+    A request body as JSON: UTF-8 without a byte order mark, no constant JSON does not
+    have (NaN, Infinity), no key twice in one object.
+
+    :raises ApiError: 400 ``M_NOT_JSON``, or ``M_BAD_JSON`` for a duplicate key.
+    """
+    if raw.startswith(codecs.BOM_UTF8):
+        raise ApiError(
+            400, "M_NOT_JSON", "the body starts with a byte order mark: send UTF-8 without one"
+        )
+    # Without a mark, UTF-16 or UTF-32 JSON has a zero byte in its first four (UTF-8 JSON
+    # has none at all).
+    if raw.startswith(_WIDE_BOMS) or b"\x00" in raw[:4]:
+        raise ApiError(400, "M_NOT_JSON", "the body is UTF-16 or UTF-32: send UTF-8")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(
+            400, "M_NOT_JSON", f"the body is not UTF-8 ({e.reason} at byte {e.start})"
+        ) from None
+    try:
+        return _decoder.decode(text)
+    except _DuplicateKey as e:
+        raise ApiError(
+            400,
+            "M_BAD_JSON",
+            f"the key {shorten(json.dumps(e.args[0]))} is given twice in an object",
+        ) from None
+    except (ValueError, RecursionError) as e:
+        raise ApiError(400, "M_NOT_JSON", f"the body is not valid JSON: {e}") from None
+
+
+def _dumps(body: Any) -> bytes:
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def _error_json(errcode: str, error: str) -> bytes:
+    return _dumps({"errcode": errcode, "error": error})
 
 
 def status_json(status: ServiceStatus) -> dict[str, Any]:

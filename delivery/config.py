@@ -47,6 +47,16 @@ class LogConfig:
 
 
 @attrs.frozen
+class HttpConfig:
+    """What the HTTP API allows its clients."""
+
+    #: connections open at once; one more is answered 503 and closed
+    max_connections: int = 512
+    #: seconds a request body may take to arrive once its headers are in
+    body_timeout: float = 30.0
+
+
+@attrs.frozen
 class Config:
     """A checked configuration; relative paths in the file are taken from the file's folder."""
 
@@ -70,6 +80,7 @@ class Config:
     database_timeout: float = 60.0
     defaults: DeliveryOptions = attrs.Factory(DeliveryOptions)
     log: LogConfig = attrs.Factory(LogConfig)
+    http: HttpConfig = attrs.Factory(HttpConfig)
 
     def registrations(self) -> list[Registration]:
         """
@@ -156,15 +167,17 @@ def parse_config(data: object, source: str, base: Path, environ: Mapping[str, st
             )
         return value
 
-    def number(key: str, default: float, integer: bool = False) -> Any:
-        value = get(key, default)
+    def positive(key: str, value: object, integer: bool = False) -> Any:
         kind = int if integer else (int, float)
         if isinstance(value, bool) or not isinstance(value, kind) or not value > 0:
             noun = "a positive integer" if integer else "a positive number"
             raise fail(key, f"must be {noun}, not {value!r}")
         return value
 
-    database = string("database", f"sqlite:///{base / 'delivery.db'}")
+    def number(key: str, default: float, integer: bool = False) -> Any:
+        return positive(key, get(key, default), integer)
+
+    database = string("database", f"sqlite:///{base / 'delivery.db'}", secret=True)
     if database.startswith("sqlite:///") and not database.startswith("sqlite:////"):
         relative = database.removeprefix("sqlite:///")
         if relative and relative != ":memory:":
@@ -196,6 +209,26 @@ def parse_config(data: object, source: str, base: Path, environ: Mapping[str, st
     level = raw_log.get("level", "info")
     if level not in LOG_LEVELS:
         raise fail("log.level", f"must be one of {', '.join(LOG_LEVELS)}, not {level!r}")
+
+    raw_http = get("http", {})
+    if not isinstance(raw_http, Mapping):
+        raise fail("http", "must be a mapping, such as {max_connections: 512, body_timeout: 30}")
+    http_keys = {a.name for a in attrs.fields(HttpConfig)}
+    for key in raw_http:
+        if key not in http_keys:
+            raise fail(f"http.{key}", f"is not a known key (known: {', '.join(sorted(http_keys))})")
+
+    http_defaults = HttpConfig()
+    http = HttpConfig(
+        max_connections=positive(
+            "http.max_connections",
+            raw_http.get("max_connections", http_defaults.max_connections),
+            integer=True,
+        ),
+        body_timeout=positive(
+            "http.body_timeout", raw_http.get("body_timeout", http_defaults.body_timeout)
+        ),
+    )
 
     admin_token = token("admin_token")
     listen = string("listen", DEFAULT_LISTEN)
@@ -230,6 +263,7 @@ def parse_config(data: object, source: str, base: Path, environ: Mapping[str, st
         database_timeout=number("database_timeout", 60.0),
         defaults=defaults,
         log=LogConfig(level),
+        http=http,
     )
 
 

@@ -5,13 +5,19 @@ The twistd plugin (``twisted/plugins/delivery_plugin.py``) points here: ``Option
 the command line and checks the configuration before anything starts, ``makeService``
 builds the daemon: the DeliveryService and the HTTP API, with metrics, and SIGHUP to
 reload the registrations.
+
+A daemon that cannot do its work exits non-zero with one line saying why: a configuration
+it cannot use (before twistd starts anything), an address it cannot listen on, a store it
+cannot open. Once it is stopping, a second SIGTERM or SIGINT only says so.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, cast
 
@@ -24,7 +30,7 @@ from twisted.python.failure import Failure
 from twisted.web import server
 
 from ._log import Logger, set_level
-from .api import Api, LimitedRequest, Limits, Tokens, make_site
+from .api import Api, Connections, LimitedRequest, Limits, Tokens, make_site
 from .config import Config, check
 from .errors import DeliveryError
 from .metrics import Metrics
@@ -35,12 +41,18 @@ log = Logger()
 
 
 class Listener(Service):
-    """Serves a site on a Twisted endpoint; ``port`` is the listening port once started."""
+    """
+    Serves a site on a Twisted endpoint; ``port`` is the listening port once started.
+    When it cannot listen, the process exits non-zero (``where`` names the setting).
+    """
 
-    def __init__(self, description: str, site: server.Site, reactor: Any) -> None:
+    def __init__(
+        self, description: str, site: server.Site, reactor: Any, where: str = "listen"
+    ) -> None:
         self.description = description
         self.site = site
         self.reactor = reactor
+        self.where = where
         self.port: IListeningPort | None = None
         self.listening: Deferred[IListeningPort] | None = None
 
@@ -62,12 +74,12 @@ class Listener(Service):
 
     def _failed(self, failure: Failure) -> Failure:
         log.critical(
-            "cannot listen on {listen}: {error}; stopping",
+            "cannot listen on {listen} ({where}): {error}; free the address or change it; stopping",
             listen=self.description,
-            error=failure.getErrorMessage(),
+            where=self.where,
+            error=failure.getErrorMessage().rstrip("."),
         )
-        if self.reactor.running:
-            self.reactor.stop()
+        exit_failed(self.reactor)
         return failure
 
     def stopService(self) -> Deferred[None] | None:
@@ -76,6 +88,24 @@ class Listener(Service):
         if port is not None:
             return port.stopListening()
         return None
+
+
+def exit_failed(reactor: Any) -> None:
+    """
+    Stop the reactor, now or as soon as it runs, and exit 1 once it has shut down: twistd
+    itself would exit 0, and a supervisor (systemd's Restart=on-failure) must notice.
+    """
+
+    def stop() -> None:
+        reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+        reactor.stop()
+
+    if reactor.running:
+        stop()
+    else:
+        # twistd starts the services before the reactor runs: a port that is taken
+        # fails here, and stop() would raise ReactorNotRunning.
+        reactor.callWhenRunning(stop)
 
 
 class Daemon(MultiService):
@@ -96,6 +126,7 @@ class Daemon(MultiService):
         self.config_path = Path(config_path)
         self.environ = environ
         self.handle_signals = handle_signals
+        self._stopping_already = False
         config, registrations = check(self.config_path, environ)
         self.config = config
         set_level(config.log.level)
@@ -118,8 +149,10 @@ class Daemon(MultiService):
             reload=self.reload,
             limits=_limits(config),
         )
-        self.site = make_site(self.api, config.max_request_bytes)
-        self.web = Listener(config.listen, self.site, reactor)
+        self.site = make_site(
+            self.api, config.max_request_bytes, _connections(config), reactor=reactor
+        )
+        self.web = Listener(config.listen, self.site, reactor, f"key 'listen' of {config.source}")
         self.web.setServiceParent(self)  # type: ignore[no-untyped-call]
 
     def startService(self) -> None:
@@ -128,6 +161,9 @@ class Daemon(MultiService):
         super().startService()  # type: ignore[no-untyped-call]
         if self.handle_signals:
             signal.signal(signal.SIGHUP, self._sighup)
+            # (the reactor installs its SIGTERM and SIGINT handlers as it starts)
+            self.reactor.callWhenRunning(self._guard_stop_signals)
+            self.reactor.addSystemEventTrigger("before", "shutdown", self._stopping)
         self.delivery.started().addErrback(self._not_started)
         log.info(
             "delivery starting: {count} application service(s), database {database}",
@@ -137,11 +173,29 @@ class Daemon(MultiService):
 
     def _not_started(self, failure: Failure) -> None:
         log.critical("delivery could not start: {error}; stopping", error=failure.getErrorMessage())
-        if self.reactor.running:
-            # Exit non-zero, so that a supervisor (systemd's Restart=on-failure) notices:
-            # twistd itself would exit 0 once the reactor stops.
-            self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
-            self.reactor.stop()
+        exit_failed(self.reactor)
+
+    def _guard_stop_signals(self) -> None:
+        # The reactor's handlers call reactor.stop(), which raises ReactorNotRunning (a
+        # traceback) when the shutdown is under way already: only the first one stops.
+        for number in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(number)
+            if callable(handler):
+                signal.signal(number, functools.partial(self._stop_signal, handler))
+
+    def _stop_signal(self, handler: Callable[[int, Any], None], signum: int, frame: Any) -> None:
+        if not self._stopping_already:
+            self._stopping_already = True
+            handler(signum, frame)
+        else:
+            self.reactor.callFromThread(
+                log.info,
+                "{signal} while stopping: already stopping",
+                signal=signal.Signals(signum).name,
+            )
+
+    def _stopping(self) -> None:
+        self._stopping_already = True
 
     def _sighup(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(self._reload_logged)
@@ -178,6 +232,7 @@ class Daemon(MultiService):
         self.api.tokens = _tokens(config)
         self.api.limits = _limits(config)
         cast(type[LimitedRequest], self.site.requestFactory).max_body = config.max_request_bytes
+        self.site.connections = _connections(config)
         set_level(config.log.level)
         return result
 
@@ -186,6 +241,12 @@ def _limits(config: Config) -> Limits:
     return Limits(
         max_events_per_request=config.max_events_per_request,
         max_request_bytes=config.max_request_bytes,
+    )
+
+
+def _connections(config: Config) -> Connections:
+    return Connections(
+        max_connections=config.http.max_connections, body_timeout=config.http.body_timeout
     )
 
 
@@ -205,11 +266,13 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
-        # Check everything now: a mistake is a one-line error, not a traceback.
+        # Check everything now: a mistake is one line and exit 1, not a traceback, nor
+        # twistd's usage text (a UsageError prints it), which says nothing about the file.
         try:
             check(self["config"])
         except (DeliveryError, ValueError) as e:
-            raise usage.UsageError(str(e)) from None
+            print(f"delivery: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
 
 
 def makeService(options: Options) -> IService:

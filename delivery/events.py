@@ -1,6 +1,10 @@
 """
 Events as ``delivery`` keeps them: validated once at ingest, encoded once to compact JSON,
 and never re-encoded (transaction bodies are spliced from the stored bytes).
+
+An event is a JSON object whose ``event_id`` is a string with something in it besides
+white space. An error quotes at most :data:`QUOTED` characters of what it refuses (an id
+may be megabytes long).
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ from .interest import RoutingFields
 
 #: Matrix caps an event at 64 KiB of JSON; so do we, unless told otherwise.
 DEFAULT_MAX_EVENT_BYTES = 65536
+
+#: the most characters of a refused value an error message quotes
+QUOTED = 64
 
 # No check for circular references (it doubles the cost of encoding): an event is walked
 # first (``_json_problem``), and one nested too deep, as a cycle would be, is refused.
@@ -69,28 +76,38 @@ def prepare_one(index: int, event: object, max_event_bytes: int) -> Event:
     if not isinstance(event, (dict, Mapping)):
         raise InvalidEventError(index, f"must be a JSON object, not {type(event).__name__}")
     event_id = event.get("event_id")
-    if not isinstance(event_id, str) or not event_id:
-        raise InvalidEventError(index, "'event_id' must be a non-empty string")
+    # (isspace() is False for "" and stops at the first character of a real id)
+    if not isinstance(event_id, str) or not event_id or event_id.isspace():
+        raise InvalidEventError(
+            index, "'event_id' must be a string with something in it besides white space"
+        )
     fields = [event.get(key) for key in _ROUTING_KEYS]
     for key, value in zip(_ROUTING_KEYS, fields, strict=True):
         if value is not None and not isinstance(value, str):
             raise InvalidEventError(
-                index, f"{event_id}: {key!r} must be a string, not {type(value).__name__}"
+                index, f"{shorten(event_id)}: {key!r} must be a string, not {type(value).__name__}"
             )
     problem = _json_problem(event)
     if problem:
-        raise InvalidEventError(index, f"{event_id}: {problem}")
+        raise InvalidEventError(index, f"{shorten(event_id)}: {problem}")
     try:
         data = _encode(event).encode("utf-8")
     except (TypeError, ValueError, UnicodeEncodeError) as e:
-        raise InvalidEventError(index, f"{event_id}: cannot be encoded as JSON: {e}") from None
+        raise InvalidEventError(
+            index, f"{shorten(event_id)}: cannot be encoded as JSON: {shorten(str(e))}"
+        ) from None
     if len(data) > max_event_bytes:
         raise InvalidEventError(
             index,
-            f"{event_id}: is {len(data)} bytes of JSON, more than the limit of "
+            f"{shorten(event_id)}: is {len(data)} bytes of JSON, more than the limit of "
             f"{max_event_bytes} bytes",
         )
     return Event(event_id, RoutingFields(*fields), data)
+
+
+def shorten(text: str, limit: int = QUOTED) -> str:
+    """``text``, or its first ``limit`` characters and an ellipsis: what an error quotes."""
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 #: the fields that route an event, in the order of :class:`RoutingFields`
@@ -117,7 +134,7 @@ def _json_problem(event: Mapping[str, object]) -> str | None:
         if isinstance(value, (dict, Mapping)):
             for key in value:
                 if not isinstance(key, str):
-                    return f"has a key that is not a string: {key!r}"
+                    return f"has a key that is not a string: {shorten(repr(key))}"
             for item in value.values():
                 if type(item) not in _FLAT:
                     push((item, depth + 1))

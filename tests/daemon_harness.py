@@ -74,11 +74,16 @@ class Running:
         raw: bytes | None = None,
         headers: dict[str, str] | None = None,
     ) -> tuple[int, Any]:
-        """One request; the status and the JSON answer (bytes if it is not JSON)."""
+        """
+        One request; the status and the JSON answer (bytes if it is not JSON). A body goes
+        as ``application/json`` unless ``headers`` give a Content-Type.
+        """
         all_headers = Headers({k: [v] for k, v in (headers or {}).items()})
         if token is not None:
             all_headers.setRawHeaders("Authorization", [f"Bearer {token}"])
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        if data is not None and not all_headers.hasHeader("Content-Type"):
+            all_headers.setRawHeaders("Content-Type", ["application/json"])
         response = await treq.request(
             method, self.url + path, data=data, headers=all_headers, persistent=False
         )

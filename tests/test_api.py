@@ -32,7 +32,7 @@ from zope.interface import implementer
 from delivery.events import transaction_body
 
 from .daemon_harness import ADMIN, INGEST, Running, start_daemon, write_config
-from .harness import event
+from .harness import event, txn_id, txn_ids
 from .receiver import HS_TOKEN, start_receiver, stop_receiver
 
 METRICS = "metrics-secret-token"
@@ -73,11 +73,16 @@ async def call(
     raw: bytes | IBodyProducer | None = None,
     headers: dict[str, str] | None = None,
 ) -> Answer:
-    """One request to the daemon; the answer's body is kept in BODIES."""
+    """
+    One request to the daemon; the answer's body is kept in BODIES. A body goes as
+    ``application/json`` unless ``headers`` give a Content-Type.
+    """
     all_headers: dict[bytes | str, bytes | str] = dict((headers or {}).items())
     if token is not None:
         all_headers["Authorization"] = f"Bearer {token}"
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    if data is not None and not any(str(k).lower() == "content-type" for k in all_headers):
+        all_headers["Content-Type"] = "application/json"
     response = await treq.request(
         method, running.url + path, data=data, headers=all_headers, persistent=False
     )
@@ -245,7 +250,8 @@ async def test_ingest_is_idempotent_by_event_id(tmp_path, reactor, receiver):
         assert receiver.event_ids == ["$e1", "$e2", "$e3", "$e4"]
         assert sum(len(r.event_ids) for r in receiver.requests) == 4
         assert receiver.requests[0].events[0] == event(1)
-        assert (await status_of(running, "a"))["last_txn_id"] == len(receiver.requests)
+        last = txn_id(running.daemon.delivery.store, len(receiver.requests))
+        assert (await status_of(running, "a"))["last_txn_id"] == last
     finally:
         await running.daemon.stopService()
 
@@ -363,13 +369,15 @@ async def test_an_invalid_event_refuses_the_whole_batch(tmp_path, reactor, recei
 
         status = await status_of(running, "a")
         assert (status["queued_events"], status["stored_transactions"]) == (0, 0)
-        assert status["last_txn_id"] == 0
+        assert status["last_txn_id"] == txn_id(running.daemon.delivery.store, 0)  # none yet
         assert receiver.requests == []
         # nothing of any refused batch was stored: the next event gets the first stream id
         assert await ingest(running, [event(1)]) == [1]
         await receiver.wait_for_events(1)
         assert receiver.event_ids == ["$e1"]
-        assert (await status_of(running, "a"))["last_txn_id"] == 1
+        assert (await status_of(running, "a"))["last_txn_id"] == txn_id(
+            running.daemon.delivery.store, 1
+        )
     finally:
         await running.daemon.stopService()
 
@@ -433,6 +441,7 @@ async def test_a_body_over_max_request_bytes_is_413_whatever_its_framing(
 async def test_service_status_follows_the_events(tmp_path, reactor, receiver):
     receiver.answer(500, body=b'{"errcode":"M_UNKNOWN","error":"bridge is down"}')
     running = await start(tmp_path, reactor, [register(tmp_path, "a", receiver.url, **SLOW)])
+    store = running.daemon.delivery.store
     try:
         answer = await call(running, "GET", "/v1/services")
         assert answer.status == 200
@@ -446,7 +455,7 @@ async def test_service_status_follows_the_events(tmp_path, reactor, receiver):
             "last_error": None,
             "attempts": 0,
             "next_retry": None,
-            "last_txn_id": 0,
+            "last_txn_id": txn_id(store, 0),
         }
         assert answer.json() == {"services": [fresh]}
         assert await status_of(running, "a") == fresh
@@ -461,14 +470,18 @@ async def test_service_status_follows_the_events(tmp_path, reactor, receiver):
         assert "bridge is down" in down["last_error"]
         assert started + 100 - 1 <= down["next_retry"] <= time.time() + 100
         assert (down["stored_transactions"], down["queued_events"]) == (1, 0)
-        assert down["last_txn_id"] == 1
+        assert down["last_txn_id"] == txn_id(store, 1)
         assert 0 <= down["oldest_pending_age"] <= time.time() - started + 1
         assert down["last_success"] is None
 
         # events arriving while DOWN wait in the queue; no transaction is cut for them
         await ingest(running, [event(2), event(3)])
         down = await until_status(running, "a", queued_events=2)
-        assert (down["state"], down["stored_transactions"], down["last_txn_id"]) == ("down", 1, 1)
+        assert (down["state"], down["stored_transactions"], down["last_txn_id"]) == (
+            "down",
+            1,
+            txn_id(store, 1),
+        )
         (listed,) = (await call(running, "GET", "/v1/services")).json()["services"]
         assert listed.pop("oldest_pending_age") >= down.pop("oldest_pending_age")
         assert listed == down
@@ -480,7 +493,7 @@ async def test_service_status_follows_the_events(tmp_path, reactor, receiver):
         assert (answer.status, answer.json()) == (200, {})
         down = await until_status(running, "a", attempts=2, state="down")
         assert retried + 200 - 1 <= down["next_retry"] <= time.time() + 200
-        assert [r.txn_id for r in receiver.requests] == ["1", "1"]
+        assert [r.txn_id for r in receiver.requests] == txn_ids(store, 1, 1)
         assert receiver.requests[0].body == receiver.requests[1].body
 
         # the receiver is back: a retry delivers everything and the service is UP
@@ -496,7 +509,7 @@ async def test_service_status_follows_the_events(tmp_path, reactor, receiver):
             "next_retry": None,
         }
         assert up["oldest_pending_age"] is None
-        assert up["last_txn_id"] == 2
+        assert up["last_txn_id"] == txn_id(store, 2)
         assert receiver.event_ids == ["$e1", "$e2", "$e3"]
     finally:
         await running.daemon.stopService()
@@ -516,7 +529,9 @@ async def test_retry_sends_to_a_down_service_at_once(tmp_path, reactor, receiver
         answer = await call(running, "POST", "/v1/services/a/retry")
         assert (answer.status, answer.json()) == (200, {})
         await receiver.wait_for_events(2)
-        assert [r.txn_id for r in receiver.requests] == ["1", "1", "2"]
+        assert [r.txn_id for r in receiver.requests] == txn_ids(
+            running.daemon.delivery.store, 1, 1, 2
+        )
         await until_status(running, "a", state="up", queued_events=0, stored_transactions=0)
         # retrying an UP service changes nothing
         answer = await call(running, "POST", "/v1/services/a/retry")
@@ -591,6 +606,12 @@ async def test_transactions_are_listed_and_paged(tmp_path, reactor, receiver):
             return [t["attempts"] for t in found] == [1]
 
         await until(failed_once, "the failure to be recorded")
+        store = running.daemon.delivery.store
+        base = txn_id(store, 0)
+
+        def numbered(*ns: int) -> list[int]:
+            return [base + n for n in ns]
+
         await ingest(running, [event(n) for n in range(2, 7)])
         await until_status(running, "gone", queued_events=5)
         await receiver.wait_for_events(6)
@@ -601,7 +622,7 @@ async def test_transactions_are_listed_and_paged(tmp_path, reactor, receiver):
         assert answer.status == 200
         (txn,) = answer.json()["transactions"]
         assert answer.json()["next_from"] is None
-        assert (txn["txn_id"], txn["events"], txn["bytes"]) == (1, 1, len(sent.body))
+        assert (txn["txn_id"], txn["events"], txn["bytes"]) == (base + 1, 1, len(sent.body))
         assert (txn["first_stream_id"], txn["last_stream_id"]) == (1, 1)
         assert txn["attempts"] == 1
         assert txn["last_error"] == "HTTP 500: bridge is down"
@@ -617,15 +638,16 @@ async def test_transactions_are_listed_and_paged(tmp_path, reactor, receiver):
         configure(tmp_path, [keep])
         answer = await call(running, "POST", "/v1/reload")
         assert answer.json() == {"added": [], "changed": [], "removed": ["gone"]}
-        store = running.daemon.delivery.store
         for queued in await store.queued("gone", 0, 100):
             body = transaction_body([queued.json])
             sid = queued.stream_id
-            await store.store_transaction("gone", sid, sid, 1, body, time.time())
+            await store.store_transaction(
+                "gone", sid, sid, 1, body, time.time(), [queued.received_ts]
+            )
 
         answer = await transactions(running, "gone")
         listed = answer.json()["transactions"]
-        assert [t["txn_id"] for t in listed] == [1, 2, 3, 4, 5, 6]
+        assert [t["txn_id"] for t in listed] == numbered(1, 2, 3, 4, 5, 6)
         assert [t["first_stream_id"] for t in listed] == [1, 2, 3, 4, 5, 6]
         assert [t["attempts"] for t in listed] == [1, 0, 0, 0, 0, 0]
         assert listed[1]["first_attempt"] is None
@@ -639,21 +661,21 @@ async def test_transactions_are_listed_and_paged(tmp_path, reactor, receiver):
             body = answer.json()
             return [t["txn_id"] for t in body["transactions"]], body["next_from"]
 
-        assert await page("?limit=4") == ([1, 2, 3, 4], 4)
-        assert await page("?from=4&limit=4") == ([5, 6], None)
-        assert await page("?from=4&limit=2") == ([5, 6], None)
-        assert await page("?from=2&limit=2") == ([3, 4], 4)
-        assert await page("?from=0&limit=6") == ([1, 2, 3, 4, 5, 6], None)
-        assert await page("?limit=5") == ([1, 2, 3, 4, 5], 5)
-        assert await page("?from=6") == ([], None)
-        assert await page("?from=1000") == ([], None)
+        assert await page("?limit=4") == (numbered(1, 2, 3, 4), base + 4)
+        assert await page(f"?from={base + 4}&limit=4") == (numbered(5, 6), None)
+        assert await page(f"?from={base + 4}&limit=2") == (numbered(5, 6), None)
+        assert await page(f"?from={base + 2}&limit=2") == (numbered(3, 4), base + 4)
+        assert await page("?from=0&limit=6") == (numbered(1, 2, 3, 4, 5, 6), None)
+        assert await page("?limit=5") == (numbered(1, 2, 3, 4, 5), base + 5)
+        assert await page(f"?from={base + 6}") == ([], None)
+        assert await page(f"?from={base + 1000}") == ([], None)
         assert await page(f"?from={2**62}&limit=1000") == ([], None)
         seen: list[int] = []
         cursor: int | None = 0
         while cursor is not None:
             ids, cursor = await page(f"?from={cursor}&limit=1")
             seen += ids
-        assert seen == [1, 2, 3, 4, 5, 6]
+        assert seen == numbered(1, 2, 3, 4, 5, 6)
 
         for query in [
             "?from=-1",
@@ -734,7 +756,7 @@ async def test_reload_adds_changes_and_removes_services(tmp_path, reactor, recei
         gone = await status_of(running, "gone")
         assert gone["state"] == "orphaned"
         assert (gone["queued_events"], gone["stored_transactions"]) == (1, 1)
-        assert gone["last_txn_id"] == 1
+        assert gone["last_txn_id"] == txn_id(running.daemon.delivery.store, 1)
         answer = await call(running, "POST", "/v1/services/gone/retry")
         assert (answer.status, answer.errcode) == (404, "M_NOT_FOUND")
 
@@ -744,7 +766,8 @@ async def test_reload_adds_changes_and_removes_services(tmp_path, reactor, recei
         await new.wait_for_events(1)
         await added.wait_for_events(1)
         assert new.event_ids == ["$e3"]
-        assert [r.txn_id for r in new.requests] == ["3"]  # transaction ids go on
+        # transaction ids go on
+        assert [r.txn_id for r in new.requests] == txn_ids(running.daemon.delivery.store, 3)
         assert added.event_ids == ["$e3"]
         assert old.event_ids == ["$e1", "$e2"]
         await running.daemon.delivery.routed()
@@ -989,7 +1012,7 @@ async def test_health_unknown_paths_and_wrong_methods(tmp_path, reactor, receive
             ("POST", "/v1/services/a/transactions", "GET"),
             ("GET", "/v1/services/a/queue", "DELETE"),
             ("GET", "/v1/reload", "POST"),
-            ("POST", "/health", "GET"),
+            ("POST", "/health", "GET, HEAD"),
             ("PATCH", "/metrics", "GET"),
         ]:
             answer = await call(running, method, path, token=None)

@@ -121,3 +121,29 @@ def test_unreadable_files_say_why(tmp_path: Path, text: str, words: str) -> None
 def test_a_missing_file_says_so(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read it: No such file"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_the_http_limits_have_defaults_and_can_be_set() -> None:
+    assert (parse(TOKENS).http.max_connections, parse(TOKENS).http.body_timeout) == (512, 30.0)
+    http = parse({**TOKENS, "http": {"max_connections": 20, "body_timeout": 2.5}}).http
+    assert (http.max_connections, http.body_timeout) == (20, 2.5)
+
+
+@pytest.mark.parametrize(
+    ("http", "key", "words"),
+    [
+        (5, "http", "must be a mapping"),
+        ({"max_connection": 5}, "http.max_connection", "is not a known key (known: body_timeout"),
+        ({"max_connections": 0}, "http.max_connections", "must be a positive integer, not 0"),
+        ({"max_connections": 2.5}, "http.max_connections", "must be a positive integer"),
+        ({"max_connections": True}, "http.max_connections", "must be a positive integer"),
+        ({"body_timeout": "30s"}, "http.body_timeout", "must be a positive number, not '30s'"),
+        ({"body_timeout": -1}, "http.body_timeout", "must be a positive number"),
+    ],
+)
+def test_a_bad_http_limit_names_its_key(http: object, key: str, words: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse({**TOKENS, "http": http})
+    assert e.value.key == key
+    assert words in str(e.value)
+    assert str(e.value).startswith("invalid configuration delivery.yaml: key ")

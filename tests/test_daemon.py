@@ -210,7 +210,9 @@ async def test_sighup_adds_changes_and_removes_services_while_events_flow(
         await moved.wait_for_events(1)
         await added.wait_for_events(1)
         assert moved.event_ids == ["$e3"]
-        assert [r.txn_id for r in moved.requests] == ["2"]  # ids go on across the change
+        # ids go on across the change: a's first went to its old url
+        (first,) = receiver.requests
+        assert [int(r.txn_id) for r in moved.requests] == [int(first.txn_id) + 1]
         assert added.event_ids == ["$e5"]
         assert receiver.event_ids == ["$e1"]
         assert other.event_ids == ["$e2"]  # b, removed, receives nothing more
@@ -307,7 +309,7 @@ async def test_delivery_status_reads_the_admin_api(
         await running.daemon.stopService()
     code = await deferToThread(cli.main, ["status", "--config", str(config), "--url", running.url])
     assert code == 1
-    assert "cannot reach the daemon" in capsys.readouterr().err
+    assert "no daemon answers at" in capsys.readouterr().err
 
 
 @pytest_twisted.ensureDeferred
@@ -344,8 +346,9 @@ async def test_the_quick_start_command_runs_the_daemon(
         port = await child.port
         await post_events(f"http://127.0.0.1:{port}", [event(1)])
         await receiver.wait_for_events(1)
-        assert f"ingest token: {INGEST}".encode() in child.output
-        assert b"admin token:  " in child.output  # made up and printed
+        # the given ingest token and a made-up admin token, ready to paste
+        export = f"export DELIVERY_INGEST_TOKEN={INGEST} DELIVERY_ADMIN_TOKEN="
+        assert export.encode() in child.output
     finally:
         process.signalProcess(signal.SIGTERM)
     await stopped_cleanly(child)
@@ -383,3 +386,84 @@ async def test_secrets_never_reach_the_log(tmp_path: Path, reactor: Any, receive
     assert "is DOWN" in log  # the failures were logged...
     for secret in (hs_token, as_token, INGEST, ADMIN):
         assert secret not in log, secret  # ...without a secret
+
+
+def spawn(reactor: Any, folder: Path, argv: list[str]) -> tuple[DaemonProcess, Any]:
+    child = DaemonProcess()
+    child.port.addErrback(lambda _: None)  # some never listen
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    process = reactor.spawnProcess(child, argv[0], argv, env=env, path=str(folder))
+    return child, process
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_daemon_that_cannot_listen_exits_non_zero_with_one_line(
+    tmp_path: Path, reactor: Any
+) -> None:
+    from twisted.internet.protocol import Factory
+
+    taken = reactor.listenTCP(0, Factory(), interface="127.0.0.1")
+    port = taken.getHost().port
+    config = write_config(tmp_path, [], listen=f"tcp:{port}:interface=127.0.0.1")
+    try:
+        child, _ = spawn(
+            reactor, tmp_path, [TWISTD, "--nodaemon", "--pidfile=", "delivery", "-c", str(config)]
+        )
+        ended = child.ended
+        ended.addTimeout(30, reactor)
+        how = await ended
+    finally:
+        await taken.stopListening()
+    output = child.output.decode(errors="replace")
+    assert how == (1, None), output
+    lines = [line for line in output.splitlines() if "cannot listen" in line]
+    assert len(lines) == 1, output
+    assert f"cannot listen on tcp:{port}:interface=127.0.0.1 (key 'listen' of {config})" in lines[0]
+    assert "Address already in use" in lines[0]
+    assert "Traceback" not in output
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_second_signal_while_stopping_is_no_traceback(
+    tmp_path: Path, reactor: Any, receiver: Any
+) -> None:
+    # A request is in flight when the signals come: the receiver never answers it.
+    receiver.answer(200, hang=True)
+    config = write_config(tmp_path, [write_registration(tmp_path, "bridge", receiver.url)])
+    child, process, url = await run_daemon(reactor, tmp_path, config)
+    await post_events(url, [event(1)])
+    await receiver.wait_for_requests(1)
+    # Three signals at once: the first one handled stops the daemon, the others say so.
+    for number in (signal.SIGTERM, signal.SIGINT, signal.SIGTERM):
+        process.signalProcess(number)
+    await child.wait_for_output(b"while stopping: already stopping")
+    receiver.release()
+    how = await child.ended
+    output = child.output.decode(errors="replace")
+    assert how in ((None, signal.SIGTERM), (None, signal.SIGINT), (0, None)), output
+    assert output.count(", shutting down.") == 1, output
+    assert "Server Shut Down." in output
+    assert "Traceback" not in output
+    assert "ReactorNotRunning" not in output
+    assert "Unhandled" not in output
+
+
+@pytest.mark.parametrize("command", ["twistd", "delivery run"])
+def test_a_config_error_at_run_time_is_one_line_and_exit_1(tmp_path: Path, command: str) -> None:
+    import subprocess
+
+    config = write_config(tmp_path, [], poll_interval="fast")
+    if command == "twistd":
+        argv = [TWISTD, "--nodaemon", "--pidfile=", "delivery", "--config", str(config)]
+    else:
+        argv = [str(Path(sys.executable).with_name("delivery")), "run", "--config", str(config)]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        argv, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr == (
+        f"delivery: invalid configuration {config}: key 'poll_interval': must be a positive"
+        " number, not 'fast'\n"
+    )

@@ -68,6 +68,18 @@ INVALID: list[Any] = [
     # event_id
     pytest.param([event(0), {"type": "m.room.message"}], 1, "'event_id'", id="no-event-id"),
     pytest.param([{**event(0), "event_id": ""}], 0, "'event_id'", id="empty-event-id"),
+    pytest.param(
+        [event(0), {**event(1), "event_id": " "}], 1, "besides white space", id="blank-event-id"
+    ),
+    pytest.param(
+        [{**event(0), "event_id": "\t\n\u3000"}], 0, "besides white space", id="white-event-id"
+    ),
+    pytest.param(
+        [{**event(0), "event_id": "$" + "x" * 100_000, "sender": 5}],
+        0,
+        "$" + "x" * 63 + "…: 'sender'",
+        id="long-event-id-quoted-short",
+    ),
     pytest.param([event(0), {**event(1), "event_id": 1}], 1, "'event_id'", id="int-event-id"),
     pytest.param([{**event(0), "event_id": None}], 0, "'event_id'", id="null-event-id"),
     pytest.param([{**event(0), "event_id": ["$a"]}], 0, "'event_id'", id="list-event-id"),
