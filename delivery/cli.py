@@ -1,44 +1,108 @@
 """
-The ``delivery`` command:
+The ``delivery`` command (``.venv/bin/delivery`` in a clone set up by ``scripts/run``):
 
-- ``delivery run --config FILE``: run the daemon in the foreground (``twistd -n delivery``);
-- ``delivery check-config FILE``: check a configuration and every registration it names;
-- ``delivery status --config FILE``: ask the running daemon how its services are doing.
+- ``delivery run [--config] FILE``: run the daemon in the foreground (``twistd -n delivery``);
+- ``delivery check-config [--config] FILE``: check a configuration and every registration
+  it names, with the environment the command runs in;
+- ``delivery status [--config] FILE``: ask the running daemon how its services are doing.
+
+Every subcommand takes the configuration both ways, positional or ``--config``, and
+``delivery.yaml`` in the current folder when given neither. A mistake on the command line
+prints the subcommand's usage and one line; a mistake in the configuration, an unset
+``${VARIABLE}``, a refused token or a daemon that does not answer is one line on stderr and
+exit 1, never a traceback. Nothing printed holds a secret: tokens are never shown and
+database URLs go through :func:`delivery.store.redact_url`.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
+import os
 import re
 import sys
+import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+import attrs
+
+from .config import Config, check, load_config
 from .errors import DeliveryError
+from .store import redact_url
+
+#: the configuration a subcommand reads when it is given none
+DEFAULT_CONFIG = "delivery.yaml"
+
+#: seconds ``status`` waits for the daemon's answer
+STATUS_TIMEOUT = 10.0
+
+
+class _Failed(Exception):
+    """What went wrong, in the one line the command prints before exiting 1."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="delivery", description="Reliable event delivery to Matrix application services."
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser("run", help="run the daemon in the foreground")
-    run.add_argument("--config", "-c", default="delivery.yaml", help="configuration file")
-    checker = commands.add_parser("check-config", help="check a configuration file")
-    checker.add_argument("config", help="configuration file")
+    checker = commands.add_parser(
+        "check-config", help="check a configuration and the registrations it names"
+    )
     status = commands.add_parser("status", help="show the services of a running daemon")
-    status.add_argument("--config", "-c", default="delivery.yaml", help="configuration file")
-    status.add_argument("--url", help="the daemon's base URL (default: from the config)")
-    status.add_argument("--json", action="store_true", help="print the JSON answer")
-    args = parser.parse_args(argv)
-    if args.command == "run":
-        return _run(args.config)
-    if args.command == "check-config":
-        return _check_config(args.config)
-    return _status(args.config, args.url, args.json)
+    for command in (run, checker, status):
+        command.add_argument(
+            "config_file",
+            nargs="?",
+            metavar="CONFIG",
+            help=f"configuration file (default: {DEFAULT_CONFIG})",
+        )
+        command.add_argument(
+            "--config", "-c", metavar="CONFIG", help="the configuration file, as an option"
+        )
+    status.add_argument("--url", help="the daemon's base URL (default: from the config's listen)")
+    status.add_argument("--json", action="store_true", help="print the daemon's JSON answer")
+    subcommands = {"run": run, "check-config": checker, "status": status}
+
+    # Unknown arguments are the subcommand's to report, with its own usage.
+    args, unknown = parser.parse_known_args(argv)
+    command = subcommands[args.command]
+    if unknown:
+        command.error(f"unrecognized arguments: {' '.join(unknown)}")
+    config = _config_path(command, args.config_file, args.config)
+    try:
+        if args.command == "run":
+            return _run(config)
+        if args.command == "check-config":
+            _check_config(config)
+        else:
+            _status(config, args.url, args.json, time.time())
+    except _Failed as e:
+        print(f"delivery: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _config_path(
+    command: argparse.ArgumentParser, positional: str | None, option: str | None
+) -> str:
+    if positional and option and positional != option:
+        command.error(f"two configurations given ({positional}, {option}): give one")
+    path = positional or option
+    if path:
+        return path
+    if not Path(DEFAULT_CONFIG).exists():
+        command.error(
+            f"no {DEFAULT_CONFIG} in this folder: name the configuration,"
+            " e.g. --config examples/delivery.yaml"
+        )
+    return DEFAULT_CONFIG
 
 
 def _run(config: str) -> int:
@@ -49,20 +113,66 @@ def _run(config: str) -> int:
     return 0
 
 
-def _check_config(path: str) -> int:
-    from .config import check
+@attrs.define(eq=False)
+class _Environment(Mapping[str, str]):
+    """
+    The environment a configuration is read with, noting every ``${VARIABLE}`` it uses that
+    is not set; such a variable reads as its own ``${NAME}``, so that the rest is checked.
+    """
 
+    environ: Mapping[str, str]
+    unset: list[str] = attrs.Factory(list)
+
+    def __getitem__(self, name: str) -> str:
+        if name in self.environ:
+            return self.environ[name]
+        if name not in self.unset:
+            self.unset.append(name)
+        return f"${{{name}}}"
+
+    def __contains__(self, name: object) -> bool:
+        return True
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.environ)
+
+    def __len__(self) -> int:
+        return len(self.environ)
+
+
+def _unset(path: str, names: Sequence[str]) -> _Failed:
+    variables = " ".join(f"{name}=..." for name in names)
+    hint = f"export {variables}"
+    tokens = tokens_file(path)
+    if tokens.exists():
+        hint += f", or `. {tokens}` (the tokens scripts/run made)"
+    uses = "uses the environment variable" if len(names) == 1 else "uses the environment variables"
+    these = "which is" if len(names) == 1 else "which are"
+    return _Failed(f"{path} {uses} {', '.join(names)}, {these} not set here: {hint}")
+
+
+def tokens_file(config: str | Path) -> Path:
+    """Where ``scripts/run`` keeps the tokens it made for ``config``: beside it, ``NAME.tokens``."""
+    path = Path(config)
+    return path.with_name(f"{path.stem}.tokens")
+
+
+def _check_config(path: str) -> None:
+    environment = _Environment(os.environ)
     try:
-        config, registrations = check(path)
+        config, registrations = check(path, environment)
     except (DeliveryError, ValueError) as e:
-        print(f"delivery: {e}", file=sys.stderr)
-        return 1
-    print(f"{path}: valid; database {config.database}; listening on {config.listen}")
+        if environment.unset:
+            raise _unset(path, environment.unset) from None
+        raise _Failed(str(e)) from None
+    if environment.unset:
+        raise _unset(path, environment.unset)
+    database = redact_url(config.database)
+    print(f"{path}: valid; database {database}; listening on {config.listen}")
     for registration in registrations:
         namespaces = len(registration.users) + len(registration.rooms) + len(registration.aliases)
-        url = registration.url or "(no url: receives nothing)"
+        url = redact_url(registration.url) if registration.url else "(no url: receives nothing)"
         print(f"  {registration.id}: {url}, {namespaces} namespace(s)")
-    return 0
 
 
 def base_url(listen: str) -> str | None:
@@ -78,46 +188,138 @@ def base_url(listen: str) -> str | None:
     return f"http://{host}:{parts[1]}"
 
 
-def _status(path: str, url: str | None, raw: bool) -> int:
-    from .config import load_config
-
+def _status_config(path: str) -> Config:
+    """The configuration as far as ``status`` needs it: the admin token and the address."""
+    environment = _Environment(os.environ)
     try:
-        config = load_config(path)
+        config = load_config(path, environment)
     except (DeliveryError, ValueError) as e:
-        print(f"delivery: {e}", file=sys.stderr)
-        return 1
-    url = url or base_url(config.listen)
-    if url is None:
-        print(
-            f"delivery: cannot tell a URL from listen: {config.listen}; pass --url", file=sys.stderr
-        )
-        return 1
+        if environment.unset:
+            raise _unset(path, environment.unset) from None
+        raise _Failed(str(e)) from None
+    needed = [n for n in environment.unset if f"${{{n}}}" in config.admin_token + config.listen]
+    if needed:
+        raise _unset(path, needed)
+    return config
+
+
+def _admin_token_source(path: str) -> str:
+    """Where the admin token of a configuration comes from, for a person to check."""
+    blank = _Environment({})
+    try:
+        admin_token = load_config(path, blank).admin_token
+    except (DeliveryError, ValueError):
+        admin_token = ""
+    variables = [name for name in blank.unset if f"${{{name}}}" in admin_token]
+    return " / ".join([*variables, f"admin_token in {path}"])
+
+
+def _status(path: str, url: str | None, raw: bool, now: float) -> None:
+    config = _status_config(path)
+    url = (url or base_url(config.listen) or "").rstrip("/")
+    if not url:
+        raise _Failed(f"cannot tell a URL from listen: {config.listen} in {path}; pass --url")
     request = urllib.request.Request(
-        f"{url.rstrip('/')}/v1/services",
-        headers={"Authorization": f"Bearer {config.admin_token}"},
+        f"{url}/v1/services", headers={"Authorization": f"Bearer {config.admin_token}"}
     )
     try:
-        with urllib.request.urlopen(request, timeout=10) as answer:
+        with urllib.request.urlopen(request, timeout=STATUS_TIMEOUT) as answer:
             body: Any = json.load(answer)
+        services = body["services"]
     except urllib.error.HTTPError as e:
-        print(f"delivery: {url} answered HTTP {e.code}: {e.read()[:300]!r}", file=sys.stderr)
-        return 1
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        print(f"delivery: cannot reach the daemon at {url}: {reason}", file=sys.stderr)
-        return 1
+        if e.code in (401, 403):
+            raise _Failed(
+                f"the admin token was refused (HTTP {e.code}): check {_admin_token_source(path)}"
+            ) from None
+        raise _Failed(f"{url} answered HTTP {e.code}: {_error_text(e.read())}") from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        reason = getattr(e, "reason", None) or e
+        raise _Failed(f"no daemon answers at {url}: is it running? ({reason})") from None
+    except (ValueError, KeyError, TypeError):
+        raise _Failed(f"{url} did not answer as a delivery daemon does: is it one?") from None
     if raw:
         print(json.dumps(body, indent=2))
-        return 0
-    print(f"{'service':<24} {'state':<11} {'queued':>8} {'stored':>7} {'oldest':>9}  last error")
-    for s in body["services"]:
-        age = s["oldest_pending_age"]
-        print(
-            f"{s['service_id']:<24} {s['state']:<11} {s['queued_events']:>8}"
-            f" {s['stored_transactions']:>7} {'-' if age is None else f'{age:.0f}s':>9}"
-            f"  {s['last_error'] or ''}"
+        return
+    print(status_table(services, now), end="")
+
+
+def _error_text(body: bytes) -> str:
+    """The ``error`` of an error answer, or the start of whatever it is, on one line."""
+    try:
+        text = str(json.loads(body)["error"])
+    except (ValueError, KeyError, TypeError):
+        text = body[:200].decode("utf-8", errors="replace")
+    return " ".join(text.split()) or "(no explanation)"
+
+
+#: the columns of ``delivery status``: heading, and whether it is right-aligned
+_COLUMNS = (
+    ("service", False),
+    ("state", False),
+    ("queued", True),
+    ("stored", True),
+    ("oldest", True),
+    ("failures", True),
+    ("next retry", False),
+    ("last error", False),
+)
+
+
+def status_table(services: Sequence[Mapping[str, Any]], now: float) -> str:
+    """
+    The services of a ``GET /v1/services`` answer as a table: a line each, with the next
+    retry as a time from ``now`` and a clock time, the failures in a row and the last error.
+    """
+    rows = [[heading for heading, _ in _COLUMNS]]
+    for s in services:
+        age = s.get("oldest_pending_age")
+        rows.append(
+            [
+                str(s["service_id"]),
+                str(s["state"]),
+                str(s["queued_events"]),
+                str(s["stored_transactions"]),
+                "-" if age is None else duration(age),
+                str(s.get("attempts") or 0),
+                next_retry(s.get("next_retry"), now),
+                " ".join(str(s.get("last_error") or "").split()),
+            ]
         )
-    return 0
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
+    lines = []
+    for row in rows:
+        cells = [
+            cell.rjust(width) if right else cell.ljust(width)
+            for cell, width, (_, right) in zip(row, widths, _COLUMNS, strict=True)
+        ]
+        lines.append("  ".join(cells).rstrip() + "\n")
+    return "".join(lines)
+
+
+def duration(seconds: float) -> str:
+    """A span of time to the second, in its two largest units: ``45s``, ``2m05s``, ``3h07m``."""
+    total = max(0, round(seconds))
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+def next_retry(when: float | None, now: float) -> str:
+    """``in 12s (14:03:07)``: when a DOWN service is tried next, from ``now`` and by the clock."""
+    if when is None:
+        return "-"
+    moment = time.localtime(when)
+    same_day = moment[:3] == time.localtime(now)[:3]
+    clock = time.strftime("%H:%M:%S" if same_day else "%Y-%m-%d %H:%M:%S", moment)
+    relative = f"in {duration(when - now)}" if when - now >= 0.5 else "now"
+    return f"{relative} ({clock})"
 
 
 if __name__ == "__main__":
