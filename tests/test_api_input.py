@@ -34,6 +34,7 @@ from .daemon_harness import (
     write_registration,
 )
 from .harness import event
+from .test_postgres_outage import _answers, _name, _terminate_backends
 from .waiting import Conditions
 
 
@@ -417,4 +418,47 @@ async def test_ingest_answers_503_with_retry_after_while_the_store_is_unavailabl
         assert await running.ingest([event(1)]) == [1]
     finally:
         blocker.close()
+        await running.daemon.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_database_that_cannot_be_written_makes_ingest_and_health_answer_503(
+    tmp_path: Path, postgres_url: str, reactor: Any, receiver: Any
+) -> None:
+    running = await started(tmp_path, reactor, receiver, database=postgres_url)
+    store = running.daemon.delivery.store
+
+    async def read_only(on: bool) -> None:
+        # as an operator, or a standby, makes it: every new session is read-only
+        admin = psycopg2.connect(postgres_url.rsplit("/", 1)[0] + "/postgres")
+        admin.autocommit = True
+        with admin.cursor() as cursor:
+            setting = " SET default_transaction_read_only = on" if on else " RESET ALL"
+            cursor.execute(f"ALTER DATABASE {_name(postgres_url)}{setting}")
+        admin.close()
+        _terminate_backends(postgres_url)
+        await _answers(reactor, store)
+
+    try:
+        assert await running.ingest([event(1)]) == [1]
+        await read_only(True)
+        response = await treq.post(
+            running.url + "/v1/events",
+            json={"events": [event(2)]},
+            headers=auth(INGEST),
+            persistent=False,
+        )
+        body = await response.json()
+        assert (response.code, body["errcode"]) == (503, "M_UNAVAILABLE"), body
+        assert "cannot be written: read-only" in body["error"]
+        assert response.headers.getRawHeaders("Retry-After") == ["1"]
+        health = await treq.get(running.url + "/health", persistent=False)
+        assert health.code == 503
+        assert "read-only" in (await health.json())["error"]
+        await read_only(False)
+        assert await running.ingest([event(2)]) == [2]  # nothing of the refused one stayed
+        health = await treq.get(running.url + "/health", persistent=False)
+        assert health.code == 200
+    finally:
+        await read_only(False)
         await running.daemon.stopService()
