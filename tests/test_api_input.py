@@ -13,10 +13,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import psycopg2
 import pytest_twisted
 import treq
-from twisted.internet import protocol, task, threads
+from twisted.internet import protocol, task
 from twisted.internet.defer import Deferred
 
 from delivery.api import Api, Connections, Tokens, make_site
@@ -34,7 +33,7 @@ from .daemon_harness import (
     write_registration,
 )
 from .harness import event
-from .test_postgres_outage import _answers, _name, _terminate_backends
+from .test_postgres_outage import _answers, make_read_only
 from .waiting import Conditions
 
 
@@ -394,34 +393,6 @@ async def test_a_slow_body_is_cut_at_its_deadline(tmp_path, reactor):
 
 
 @pytest_twisted.ensureDeferred
-async def test_ingest_answers_503_with_retry_after_while_the_store_is_unavailable(
-    tmp_path: Path, postgres_url: str, reactor: Any, receiver: Any
-) -> None:
-    running = await started(
-        tmp_path, reactor, receiver, database=postgres_url, database_timeout=0.5
-    )
-    blocker = psycopg2.connect(postgres_url)
-    try:
-        await threads.deferToThread(
-            blocker.cursor().execute, "LOCK TABLE events IN ACCESS EXCLUSIVE MODE"
-        )
-        response = await treq.post(
-            running.url + "/v1/events",
-            json={"events": [event(1)]},
-            headers=auth(INGEST),
-            persistent=False,
-        )
-        body = await response.json()
-        assert (response.code, body["errcode"]) == (503, "M_UNAVAILABLE"), body
-        assert response.headers.getRawHeaders("Retry-After") == ["1"]
-        blocker.rollback()
-        assert await running.ingest([event(1)]) == [1]
-    finally:
-        blocker.close()
-        await running.daemon.stopService()
-
-
-@pytest_twisted.ensureDeferred
 async def test_a_database_that_cannot_be_written_makes_ingest_and_health_answer_503(
     tmp_path: Path, postgres_url: str, reactor: Any, receiver: Any
 ) -> None:
@@ -429,14 +400,7 @@ async def test_a_database_that_cannot_be_written_makes_ingest_and_health_answer_
     store = running.daemon.delivery.store
 
     async def read_only(on: bool) -> None:
-        # as an operator, or a standby, makes it: every new session is read-only
-        admin = psycopg2.connect(postgres_url.rsplit("/", 1)[0] + "/postgres")
-        admin.autocommit = True
-        with admin.cursor() as cursor:
-            setting = " SET default_transaction_read_only = on" if on else " RESET ALL"
-            cursor.execute(f"ALTER DATABASE {_name(postgres_url)}{setting}")
-        admin.close()
-        _terminate_backends(postgres_url)
+        await make_read_only(postgres_url, on)
         await _answers(reactor, store)
 
     try:

@@ -39,6 +39,25 @@ def _name(postgres_url: str) -> str:
     return postgres_url.rsplit("/", 1)[1]
 
 
+async def make_read_only(postgres_url: str, on: bool = True) -> None:
+    """
+    Make every new session of the test's database read-only (as an operator, or a standby,
+    does), or writable again, and end the sessions it has (in a thread: it waits for them).
+    """
+
+    def alter() -> None:
+        admin = _admin(postgres_url)
+        try:
+            with admin.cursor() as cursor:
+                setting = " SET default_transaction_read_only = on" if on else " RESET ALL"
+                cursor.execute(f"ALTER DATABASE {_name(postgres_url)}{setting}")
+        finally:
+            admin.close()
+        _terminate_backends(postgres_url)
+
+    await threads.deferToThread(alter)
+
+
 def _terminate_backends(postgres_url: str, keep_out: bool = False) -> int:
     """
     Kill every connection to the test's database, as a server restart does, and wait until

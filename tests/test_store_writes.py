@@ -23,7 +23,7 @@ from delivery.events import prepare
 from delivery.store import SQLiteStore, open_store
 
 from .harness import event
-from .test_postgres_outage import Log, _answers, _name, _terminate_backends, logged
+from .test_postgres_outage import Log, _answers, logged, make_read_only
 
 __all__ = ["logged"]  # the fixture
 
@@ -165,16 +165,7 @@ async def test_a_read_only_postgresql_database_fails_writes_plainly(
     await store.open()
 
     async def read_only(on: bool = True) -> None:
-        # as a standby, or an operator, makes it: every new session is read-only
-        admin = __import__("psycopg2").connect(postgres_url.rsplit("/", 1)[0] + "/postgres")
-        admin.autocommit = True
-        with admin.cursor() as cursor:
-            cursor.execute(
-                f"ALTER DATABASE {_name(postgres_url)}"
-                + (" SET default_transaction_read_only = on" if on else " RESET ALL")
-            )
-        admin.close()
-        _terminate_backends(postgres_url)
+        await make_read_only(postgres_url, on)
         await _answers(reactor, store)
 
     async def read_write() -> None:
