@@ -3,9 +3,9 @@ The Recoverer: what happens to a service that is DOWN.
 
 It waits with exponential backoff (with jitter, honouring ``Retry-After``), probes the
 receiver meanwhile, and ends the wait early when a probe is answered or an operator asks
-to retry now. Then, while the service is RECOVERING, it hands the TransactionMaker the
-stored transactions, oldest first with their own ids and bodies, then full batches from
-the queue; when neither is left the service is caught up and UP again.
+to retry now. Then the service is RECOVERING and sending resumes through the ``resume``
+callable it was given (the TransactionMaker's ``kick``): what is sent while recovering
+is the TransactionMaker's business. The Recoverer knows nothing of the maker.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from ._state import ServiceHandle, State
 from .errors import StoreUnavailableError
 from .records import StoredTransaction
 from .registration import DeliveryOptions
-from .transactions import TransactionMaker
 
 log = Logger()
 
@@ -87,18 +86,20 @@ class Recoverer:
     def __init__(
         self,
         store: IStore,
-        maker: TransactionMaker,
+        resume: Callable[[ServiceHandle], None],
         clock: IReactorTime,
         observers: Observers,
         rng: random.Random | None = None,
     ) -> None:
+        """
+        :param resume: starts sending for a service again (it is RECOVERING, or UP).
+        """
         self._store = store
-        self._maker = maker
+        self._resume = resume
         self._clock = clock
         self._observers = observers
         self._rng = rng or random.Random()
         self._stopped = False
-        maker.recoverer = self
 
     # -- entering states (called by the service's machine) --
 
@@ -216,23 +217,7 @@ class Recoverer:
         if handle.state is State.DISABLED:
             log.info("{service}: enabled by an operator", service=handle.id)
             handle.machine.enable()
-            self._maker.kick(handle)
-
-    # -- what recovery sends --
-
-    async def next_transaction(self, handle: ServiceHandle) -> StoredTransaction | None:
-        """
-        The oldest stored transaction, else a full batch cut from the queue, else None.
-        Once none is stored, none is looked for again while the service stays RECOVERING:
-        only this loop stores transactions for it meanwhile, and sends them itself.
-        """
-        if not handle.replayed:
-            await handle.recorded()  # its attempts, as the last failure recorded them
-            txn = await self._store.oldest_transaction(handle.id)
-            if txn is not None:
-                return txn
-            handle.replayed = True
-        return await self._maker.cut(handle, full_only=True)
+            self._resume(handle)
 
     # -- ending the wait --
 
@@ -252,7 +237,7 @@ class Recoverer:
         that has moved on meanwhile.
         """
         handle.machine.retry()
-        self._maker.kick(handle)
+        self._resume(handle)
 
     def _wait_over(self, handle: ServiceHandle) -> None:
         handle.retry_call = None

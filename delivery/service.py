@@ -162,7 +162,7 @@ class DeliveryService(Service):
         window = max([pool_window, *(r.options.max_events for r in self.registrations.values())])
         self._pool = EventPool(store, window, self._ready)
         self._maker = TransactionMaker(store, self._pool, self.clock, self._observers)
-        self._recoverer = Recoverer(store, self._maker, self.clock, self._observers, rng)
+        self._recoverer = Recoverer(store, self._maker.kick, self.clock, self._observers, rng)
         self._sorter = EventSorter(
             store,
             InterestIndex(self.registrations.values(), server_name=server_name),

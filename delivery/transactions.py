@@ -6,13 +6,13 @@ Each service has at most one loop, and so at most one request in flight: transac
 reach a receiver in order. A transaction answered 2xx is deleted while the next one is
 cut and stored; the next is sent only once that deletion has committed, so a crash never
 resends an older transaction after a newer one reached the receiver. The loop sends while
-the service is UP; while it is RECOVERING it sends what the Recoverer hands it; when a
-send fails the service goes DOWN and the loop ends until the Recoverer starts it again.
+the service is UP; while it is RECOVERING it resends the stored transactions, oldest first
+with their own ids and bodies, then full batches from the queue, and declares the service
+caught up when neither is left; when a send fails the service goes DOWN and the loop ends
+until the Recoverer resumes it.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -26,9 +26,6 @@ from .errors import StoreUnavailableError
 from .events import split_body, transaction_body
 from .pool import EventPool
 from .records import StoredTransaction
-
-if TYPE_CHECKING:
-    from .recoverer import Recoverer
 
 log = Logger()
 
@@ -46,7 +43,6 @@ class TransactionMaker:
         self._clock = clock
         self._observers = observers
         self._stopped = False
-        self.recoverer: Recoverer | None = None
 
     def kick(self, handle: ServiceHandle) -> None:
         """Make sure the service's loop looks for work (events arrived, state changed)."""
@@ -64,10 +60,9 @@ class TransactionMaker:
             while not (self._stopped or handle.retired):
                 txn: StoredTransaction | None
                 if handle.state is State.RECOVERING:
-                    assert self.recoverer is not None
                     if not handle.replayed:  # else it may still be the oldest stored
                         await self._completed(handle)
-                    txn = await self.recoverer.next_transaction(handle)
+                    txn = await self.next_transaction(handle)
                     if txn is None:
                         handle.machine.caught_up()
                         continue
@@ -116,6 +111,21 @@ class TransactionMaker:
         self._pool.reset(handle.id)
         if handle.state is not State.DOWN and not (self._stopped or handle.retired):
             handle.machine.failed(SendResult(ok=False, error=error), None)
+
+    async def next_transaction(self, handle: ServiceHandle) -> StoredTransaction | None:
+        """
+        What a RECOVERING service sends next: the oldest stored transaction, else a full
+        batch cut from the queue, else None (it is caught up). Once none is stored, none is
+        looked for again while the service stays RECOVERING: only this loop stores
+        transactions for it meanwhile, and sends them itself.
+        """
+        if not handle.replayed:
+            await handle.recorded()  # its attempts, as the last failure recorded them
+            txn = await self._store.oldest_transaction(handle.id)
+            if txn is not None:
+                return txn
+            handle.replayed = True
+        return await self.cut(handle, full_only=True)
 
     async def cut(self, handle: ServiceHandle, full_only: bool = False) -> StoredTransaction | None:
         """
