@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from delivery.bench import Result, parse_args, ratio, table
+from benchmarks.bench import Result, parse_args, ratio, table
 
 
 def test_results_go_to_bench_json_unless_told() -> None:

@@ -1,5 +1,5 @@
 """
-The load process of the ``ingest-http`` benchmark (``delivery.bench_load``), run as a real
+The load process of the ``ingest-http`` benchmark (``benchmarks.bench_load``), run as a real
 process against a small ``POST /v1/events`` server on 127.0.0.1 that answers as told.
 """
 
@@ -19,10 +19,10 @@ from twisted.internet import defer
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.web import resource, server
 
-import delivery.bench_load
+import benchmarks.bench_load
 
 TOKEN = "ingest-secret-token"
-SCRIPT = Path(delivery.bench_load.__file__)
+SCRIPT = Path(benchmarks.bench_load.__file__)
 ROOT = SCRIPT.parent.parent
 
 
@@ -88,7 +88,7 @@ async def run_load(
     reactor: Any, url: str, *args: str, module: bool = False
 ) -> tuple[str, str, int]:
     """Runs the load process (by path, or with ``-m``); its stdout, stderr and exit code."""
-    how = ["-m", "delivery.bench_load"] if module else [str(SCRIPT)]
+    how = ["-m", "benchmarks.bench_load"] if module else [str(SCRIPT)]
     options = ["--url", url, "--token", TOKEN, "--concurrency", "3", "--prefix", "t", *args]
     out, err, code = await getProcessOutputAndValue(
         sys.executable, [*how, *options], env=dict(os.environ), path=str(ROOT), reactor=reactor
@@ -122,7 +122,7 @@ async def test_every_event_arrives_once_with_the_time_it_was_sent(reactor):
     stamps = [e["content"]["ts"] for r in ingest.received for e in r.events]
     assert all(isinstance(ts, float) for ts in stamps)
     assert all(line["started"] <= ts <= line["finished"] for ts in stamps)
-    # everything else as delivery.bench.make_events makes it (requests overlap: any order)
+    # everything else as benchmarks.bench.make_events makes it (requests overlap: any order)
     first = next(e for r in ingest.received for e in r.events if e["event_id"] == "$t-0")
     assert first == {
         "event_id": "$t-0",

@@ -1,4 +1,4 @@
-"""The ``--plot`` of the benchmarks (``delivery.bench_plot``), on synthetic reports."""
+"""The ``--plot`` of the benchmarks (``benchmarks.bench_plot``), on synthetic reports."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from delivery.bench_plot import bin_width, percentile, plot, rates
+from benchmarks.bench_plot import bin_width, percentile, plot, rates
 
 
 def result(scenario: str, measure: str, unit: str, values: list[float]) -> dict[str, Any]:

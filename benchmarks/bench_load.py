@@ -1,13 +1,14 @@
 """
-The load of the ``ingest-http`` benchmark (``delivery.bench``), in a process of its own:
+The load of the ``ingest-http`` benchmark (``benchmarks.bench``), in a process of its own:
 it offers events to a running daemon's ``POST /v1/events``.
 
 Run as::
 
-    python -m delivery.bench_load --url URL --token TOKEN --events N
+    python -m benchmarks.bench_load --url URL --token TOKEN --events N
                                   [--batch 100] [--concurrency 4] [--prefix STR]
 
-(or by the path of this file, with the package installed). It starts sending
+(from the repository's root, or by the path of this file: it needs Twisted and treq,
+not ``delivery``). It starts sending
 at once, keeps ``--concurrency`` requests in flight over as many persistent connections,
 each with the next batch of ``--batch`` events, and prints one JSON line when every event
 is acknowledged::
@@ -20,7 +21,7 @@ again after ``--retry-delay`` seconds; ``started`` and ``finished`` are ``time.t
 before the first request and after the last answer. Any other answer, or no answer, stops
 it with one line on stderr and exit status 1.
 
-The events are those of ``delivery.bench.make_events`` (``$PREFIX-0`` to
+The events are those of ``benchmarks.bench.make_events`` (``$PREFIX-0`` to
 ``$PREFIX-{N-1}``), but ``content.ts`` is ``time.time()`` when the request that carries it
 is sent (the receiver measures latency from it). Every body is encoded before the clock
 starts, split around the place of ``ts``; a request only joins the parts with the time.
@@ -36,12 +37,14 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
+import treq
 from twisted.internet import task
-from twisted.internet.defer import Deferred, FirstError, gatherResults
+from twisted.internet.defer import Deferred, FirstError, gatherResults, succeed
+from twisted.internet.interfaces import IConsumer
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
-
-from delivery.matrix import BytesProducer, read_body
+from twisted.web.iweb import IBodyProducer
+from zope.interface import implementer
 
 #: answers after which the same request is sent again: nothing of it was stored
 RETRY_STATUSES = frozenset((503, 429))
@@ -56,7 +59,7 @@ class LoadError(Exception):
 
 
 def event(prefix: str, i: int | str, ts: float | str) -> dict[str, Any]:
-    """The ``i``-th event, shaped as ``delivery.bench.make_events`` makes them."""
+    """The ``i``-th event, shaped as ``benchmarks.bench.make_events`` makes them."""
     return {
         "event_id": f"${prefix}-{i}",
         "type": "m.room.message",
@@ -90,6 +93,28 @@ def encode_bodies(prefix: str, total: int, size: int) -> list[list[bytes]]:
 def stamp(parts: list[bytes], now: float) -> bytes:
     """The body of these parts, every event's ``ts`` being ``now``."""
     return repr(now).encode().join(parts)
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """A request body already in memory, written in one go."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        consumer.write(self._body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
 
 
 class Load:
@@ -136,7 +161,7 @@ class Load:
             response = await self._agent.request(
                 b"POST", self._url, self._headers, BytesProducer(body)
             )
-            answer = await read_body(response)
+            answer = await treq.content(response)
         except Exception as e:
             raise LoadError(f"no answer from {self._url.decode()}: {describe(e)}") from None
         if response.code == 200:

@@ -1,9 +1,9 @@
 """
-The receiver of the benchmarks (``delivery.bench``), in a process of its own.
+The receiver of the benchmarks (``benchmarks.bench``), in a process of its own.
 
 Run as::
 
-    python -m delivery.bench_receiver [--ports N]
+    python -m benchmarks.bench_receiver [--ports N]
 
 It listens on ``N`` ports of 127.0.0.1 (1 unless told; each like another receiver, for
 many services) and prints ``{"ports": [...]}`` as one JSON line once it is listening.

@@ -1,7 +1,7 @@
 """
-The ``--plot out.png`` of the benchmarks (``delivery.bench``): one PNG of a report.
+The ``--plot out.png`` of the benchmarks (``benchmarks.bench``): one PNG of a report.
 
-:func:`plot` draws, from the JSON report of ``delivery.bench`` and its ``series``:
+:func:`plot` draws, from the JSON report of ``benchmarks.bench`` and its ``series``:
 
 - throughput over time: events a second at the receiver against seconds since the start
   of the run, one line per scenario;

@@ -1,9 +1,11 @@
 """
 Benchmarks: named scenarios, each against a receiver in a process of its own
-(:mod:`delivery.bench_receiver`), every scenario run several times.
+(:mod:`benchmarks.bench_receiver`), every scenario run several times.
 
-    python -m delivery.bench [SCENARIO ...] [--quick] [--runs N] [--events N]
-                             [--json out.json] [--plot out.png] [--postgres URL]
+    python -m benchmarks [SCENARIO ...] [--quick] [--runs N] [--events N]
+                         [--json out.json] [--plot out.png] [--postgres URL]
+
+(from the repository's root; ``scripts/bench`` runs it in the project's virtualenv).
 
 Prints one row per measure: the median of the runs (3, or 1 with ``--quick``), their
 min-max, the unit and the ratio to ``raw`` (measured in the same invocation; ``raw`` is
@@ -14,8 +16,10 @@ Scenarios (full size):
 
 - ``raw``: the baseline, no pipeline: a plain loop that runs, per batch of 100 events,
   the SQLite statements the pipeline runs (insert the events; the queue rows and the
-  sorter position; store the transaction; delete it after the answer) and sends the
-  pre-encoded bodies with treq over one persistent connection; events/s end to end.
+  sorter position; store the transaction; delete it after the answer), written out here
+  and run with :mod:`sqlite3` on a schema made by ``open_store(...).open()``, each
+  operation one transaction, and sends the pre-encoded bodies with treq over one
+  persistent connection; events/s end to end.
 - ``throughput-sqlite``: 200,000 events through ``DeliveryService.submit`` in batches of
   100 on SQLite, one service; events/s from the first submit to the last event at the
   receiver. The producer keeps up to 4 batches submitted and not yet committed (as the
@@ -23,7 +27,7 @@ Scenarios (full size):
   that submits in batches of 100.
 - ``throughput-postgres``: the same on PostgreSQL, in a scratch database.
 - ``ingest-http``: the same through the daemon's ``POST /v1/events``, offered by a load
-  process (:mod:`delivery.bench_load`, 4 requests in flight); end to end, and as accepted.
+  process (:mod:`benchmarks.bench_load`, 4 requests in flight); end to end, and as accepted.
 - ``fanout``: 20,000 events, each wanted by 10 of 100 services (each with a port of the
   receiver of its own); deliveries/s.
 - ``latency``: 1,000 events/s offered in batches of 10 for 10 s on SQLite, poll interval
@@ -33,8 +37,15 @@ Scenarios (full size):
   the backlog drains (events/s from the first arrival to the last).
 - ``backlog-memory``: a process of its own queues 1,000,000 events for a DOWN service:
   its peak resident memory, and how much it grew from a tenth of them to all.
-- ``many-services``: the EventSorter alone routes 200,000 stored events for 1,000
-  registrations (each event wanted by one); events/s.
+- ``many-services``: a ``DeliveryService`` with 1,000 registrations routes 200,000 stored
+  events (each wanted by one of them) into their queues; nothing is sent (every service
+  was DISABLED first by a sender answering 410), so what is measured is the sorter's
+  routing: events/s from ``started()`` to ``routed()``.
+
+Only public API is used: ``delivery``'s names, ``delivery.store.open_store`` and the
+``IStore`` it returns, and the daemon as ``twistd`` builds it (``delivery.daemon.Daemon``).
+One internal, in one place: ``many-services`` stores its backlog through
+``IStore.insert_events``, whose ``Event`` values only ``delivery.events.prepare`` makes.
 """
 
 from __future__ import annotations
@@ -45,6 +56,7 @@ import json
 import os
 import sqlite3
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -53,28 +65,23 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import attrs
 import treq
 from twisted.internet import task
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.web.client import Agent, HTTPConnectionPool
+from zope.interface import implementer
 
-from .daemon import Daemon
-from .events import Event, prepare, transaction_body
-from .interest import InterestIndex
-from .matrix import ConnectionPool
-from .pool import EventPool
-from .registration import Registration
-from .service import DeliveryService
-from .sorter import EventSorter
-from .store import _sql, open_store
-from .store._schema import SQLITE
-from .store.sqlite import _setup, drive
+from delivery import DeliveryService, ISender, Registration, SendResult
+from delivery.daemon import Daemon
+from delivery.store import open_store
 
-T = TypeVar("T")
+#: the repository: the processes a benchmark starts run ``-m benchmarks...`` from here
+ROOT = Path(__file__).resolve().parent.parent
 
 SERVICE_ID = "bench"
 HS_TOKEN = "bench-hs-token"
@@ -213,14 +220,10 @@ class Receiver:
     @classmethod
     def start(cls, ports: int = 1) -> Receiver:
         process = subprocess.Popen(
-            [
-                sys.executable,
-                str(Path(__file__).with_name("bench_receiver.py")),
-                "--ports",
-                str(ports),
-            ],
+            [sys.executable, "-m", "benchmarks.bench_receiver", "--ports", str(ports)],
             stdout=subprocess.PIPE,
             text=True,
+            cwd=ROOT,
         )
         assert process.stdout is not None
         return cls(process, json.loads(process.stdout.readline())["ports"])
@@ -378,40 +381,140 @@ def sqlite_url(config: Config, name: str) -> str:
 # -- scenarios --
 
 
+#: the statements of the pipeline ``raw`` runs on SQLite, as the store writes them
+RAW_PRAGMAS = ("journal_mode = WAL", "synchronous = FULL", "busy_timeout = 10000")
+RAW_INSERT_EVENTS = (
+    "INSERT INTO events (event_id, sender, room_id, type, state_key, json, received_ts)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING"
+)
+RAW_STREAM_IDS = "SELECT event_id, stream_id FROM events WHERE event_id IN ({marks})"
+RAW_QUEUE = "INSERT INTO service_queue (service_id, stream_id) VALUES (?, ?)"
+RAW_TXN = (
+    "INSERT INTO transactions (service_id, txn_id, body, event_count, first_stream_id,"
+    " last_stream_id, created_ts, received_ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+@attrs.frozen
+class RawEvent:
+    """An event as ``raw`` stores it: its id, what routes it and its JSON, encoded first."""
+
+    event_id: str
+    sender: str
+    room_id: str
+    type: str
+    state_key: str | None
+    json: bytes
+
+    @classmethod
+    def of(cls, event: dict[str, Any]) -> RawEvent:
+        data = json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
+        return cls(
+            event["event_id"],
+            event["sender"],
+            event["room_id"],
+            event["type"],
+            event.get("state_key"),
+            data,
+        )
+
+
 class RawStore:
-    """The pipeline's SQLite statements, each operation one transaction, on this thread."""
+    """
+    The pipeline's SQLite statements for one batch, each operation one transaction, on
+    this thread (the store runs them on its writer thread, one operation after another).
+    """
 
-    def __init__(self, path: Path) -> None:
-        self._conn = sqlite3.connect(path, isolation_level=None)
-        _setup(self._conn)
-        self.run(_sql.migrate, SQLITE)
-        self.run(_sql.ensure_services, [SERVICE_ID])
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
 
-    def run(self, operation: Callable[..., _sql.Steps[T]], *args: Any) -> T:
+    @classmethod
+    async def open(cls, reactor: Any, path: Path) -> RawStore:
+        """The schema made by the store itself, then the file opened as the store opens it."""
+        store = open_store(f"sqlite:///{path}", reactor)
+        await store.open()
+        await store.ensure_services([SERVICE_ID])
+        await store.close()
+        conn = sqlite3.connect(path, isolation_level=None)
+        for pragma in RAW_PRAGMAS:
+            conn.execute(f"PRAGMA {pragma}")
+        return cls(conn)
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Cursor]:
         self._conn.execute("BEGIN IMMEDIATE")
         try:
-            result = drive(self._conn.cursor(), operation(*args))
+            yield self._conn.cursor()
         except BaseException:
             self._conn.execute("ROLLBACK")
             raise
         self._conn.execute("COMMIT")
-        return result
+
+    def insert_events(self, events: list[RawEvent], now: float) -> list[int]:
+        with self.transaction() as cursor:
+            cursor.execute("SELECT coalesce(max(stream_id), 0) FROM events").fetchone()
+            cursor.executemany(
+                RAW_INSERT_EVENTS,
+                [
+                    (e.event_id, e.sender, e.room_id, e.type, e.state_key, e.json, now)
+                    for e in events
+                ],
+            )
+            found: dict[str, int] = {}
+            ids = [e.event_id for e in events]
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                found.update(cursor.execute(RAW_STREAM_IDS.format(marks=marks), chunk).fetchall())
+        return [found[i] for i in ids]
+
+    def commit_sorted(self, ids: list[int]) -> None:
+        with self.transaction() as cursor:
+            cursor.executemany(RAW_QUEUE, [(SERVICE_ID, i) for i in ids])
+            cursor.execute("UPDATE sorter_position SET stream_id = ?", (ids[-1],))
+
+    def store_transaction(self, ids: list[int], body: bytes, now: float) -> int:
+        with self.transaction() as cursor:
+            (txn_id,) = cursor.execute(
+                "UPDATE services SET last_txn_id = last_txn_id + 1 WHERE service_id = ?"
+                " RETURNING last_txn_id",
+                (SERVICE_ID,),
+            ).fetchone()
+            cursor.execute(
+                "DELETE FROM service_queue WHERE service_id = ? AND stream_id BETWEEN ? AND ?",
+                (SERVICE_ID, ids[0], ids[-1]),
+            )
+            times = struct.pack(f"<{len(ids)}d", *([now] * len(ids)))
+            cursor.execute(
+                RAW_TXN, (SERVICE_ID, txn_id, body, len(ids), ids[0], ids[-1], now, times)
+            )
+        return int(txn_id)
+
+    def complete_transaction(self, txn_id: int, now: float) -> None:
+        with self.transaction() as cursor:
+            cursor.execute(
+                "DELETE FROM transactions WHERE service_id = ? AND txn_id = ?",
+                (SERVICE_ID, txn_id),
+            )
+            cursor.execute(
+                "UPDATE services SET last_success_ts = ?, failure_count = 0,"
+                " next_retry_ts = NULL WHERE service_id = ?",
+                (now, SERVICE_ID),
+            )
 
     def close(self) -> None:
         self._conn.close()
 
 
 async def deliver_raw(
-    store: RawStore, client: treq.client.HTTPClient, url: str, events: list[Event]
+    store: RawStore, client: treq.client.HTTPClient, url: str, events: list[RawEvent]
 ) -> None:
     """One batch through the statements of the pipeline and over the wire."""
-    body = transaction_body([e.json for e in events])
+    body = b'{"events":[' + b",".join(e.json for e in events) + b"]}"
     now = time.time()
-    ids = store.run(_sql.insert_events, events, now).stream_ids
-    store.run(_sql.commit_sorted, ids[-1], [(SERVICE_ID, i) for i in ids], ())
-    txn_id = store.run(
-        _sql.store_transaction, SERVICE_ID, ids[0], ids[-1], len(ids), body, now, [now] * len(ids)
-    )
+    ids = store.insert_events(events, now)
+    store.commit_sorted(ids)
+    txn_id = store.store_transaction(ids, body, now)
     response = await client.put(
         f"{url}{TXN_PATH}{txn_id}",
         data=body,
@@ -420,14 +523,16 @@ async def deliver_raw(
     await response.content()
     if response.code != 200:
         raise RuntimeError(f"the receiver answered {response.code}")
-    store.run(_sql.complete_transaction, SERVICE_ID, txn_id, time.time())
+    store.complete_transaction(txn_id, time.time())
 
 
 async def raw(reactor: Any, config: Config, receiver: Receiver, run: int) -> Run:
-    prepared = [prepare(b) for b in batches(f"raw{run}", config.events, BATCH)]
-    store = RawStore(config.workdir / f"raw-{run}.db")
-    connections = ConnectionPool(reactor, max_per_host=1)
-    client = treq.client.HTTPClient(connections.agent(connect_timeout=10.0))
+    prepared = [[RawEvent.of(e) for e in b] for b in batches(f"raw{run}", config.events, BATCH)]
+    store = await RawStore.open(reactor, config.workdir / f"raw-{run}.db")
+    connections = HTTPConnectionPool(reactor, persistent=True)
+    connections.maxPersistentPerHost = 1
+    connections.retryAutomatically = False
+    client = treq.client.HTTPClient(Agent(reactor, connectTimeout=10.0, pool=connections))
     try:
         start = time.time()
         for n, events in enumerate(prepared):
@@ -437,7 +542,7 @@ async def raw(reactor: Any, config: Config, receiver: Receiver, run: int) -> Run
         stats = await receiver.wait_for(config.events)
     finally:
         store.close()
-        await connections.close()
+        await connections.closeCachedConnections()
     rate = config.events / (stats["last_arrival"] - start)
     return Run([Measure("events/s", rate, "events/s")], Series.of(stats, start))
 
@@ -504,15 +609,16 @@ async def ingest_http(reactor: Any, config: Config, receiver: Receiver, run: int
 async def load_process(
     reactor: Any, url: str, events: int, prefix: str, config: Config
 ) -> dict[str, Any]:
-    """Run :mod:`delivery.bench_load` against ``url`` to its end; what it reports."""
+    """Run :mod:`benchmarks.bench_load` against ``url`` to its end; what it reports."""
     out, err, code = await getProcessOutputAndValue(
         sys.executable,
         [
-            str(Path(__file__).with_name("bench_load.py")),
+            *("-m", "benchmarks.bench_load"),
             *("--url", url, "--token", INGEST_TOKEN, "--events", str(events)),
             *("--batch", str(BATCH), "--prefix", prefix),
         ],
         env=os.environ,
+        path=str(ROOT),
         reactor=reactor,
     )
     if code != 0:
@@ -615,12 +721,13 @@ async def backlog_memory(reactor: Any, config: Config, receiver: Receiver, run: 
         sys.executable,
         [
             "-c",
-            "import sys; from delivery.bench import backlog_child; backlog_child(sys.argv[1:])",
+            "import sys; from benchmarks.bench import backlog_child; backlog_child(sys.argv[1:])",
             sqlite_url(config, f"backlog-{run}"),
             receiver.url,
             str(config.backlog_events),
         ],
         env=os.environ,
+        path=str(ROOT),
         reactor=reactor,
     )
     if code != 0:
@@ -669,33 +776,56 @@ def backlog_child(argv: Sequence[str]) -> None:
 MANY_SERVICES = 1000
 
 
+@implementer(ISender)
+class Gone:
+    """A sender whose receiver is gone for good (410): its service becomes DISABLED."""
+
+    def send(self, txn: Any) -> Deferred[SendResult]:
+        return succeed(SendResult(ok=False, status=410, error="gone (benchmark)"))
+
+    def ping(self) -> Deferred[SendResult]:
+        return succeed(SendResult(ok=False, status=410, error="gone (benchmark)"))
+
+
+async def disable_all(reactor: Any, store_url: str, registrations: list[Registration]) -> None:
+    """Every service DISABLED (one event each, answered 410): nothing is sent to them after."""
+    senders: dict[str, ISender] = {r.id: Gone() for r in registrations}
+    async with running(reactor, store_url, registrations, senders=senders) as service:
+        await service.submit(make_events("gone", 0, len(registrations), senders=MANY_SERVICES))
+        await service.routed()
+        while any(s.state != "disabled" for s in await service.statuses()):
+            await task.deferLater(reactor, 0.05)
+
+
 async def many_services(reactor: Any, config: Config, receiver: Receiver, run: int) -> Run:
     """
-    The EventSorter alone routes stored events for 1,000 registrations (each event wanted
-    by one of them, from a user no other event has) into their queues.
+    A DeliveryService with 1,000 registrations (each event wanted by one of them, from a
+    user no other event has) routes stored events into their queues. Its services are
+    DISABLED first, so that nothing is sent: only the sorter works from ``started()`` to
+    ``routed()``.
     """
+    from delivery.events import prepare  # the one internal: see the module's docstring
+
     registrations = [
         registration(receiver.url, f"svc{i}", users=rf"@bridge{i}_.*:example\.org")
         for i in range(MANY_SERVICES)
     ]
-    store = open_store(sqlite_url(config, f"many-{run}"), reactor)
+    url = sqlite_url(config, f"many-{run}")
+    await disable_all(reactor, url, registrations)
+    store = open_store(url, reactor)
     await store.open()
     try:
-        await store.ensure_services([r.id for r in registrations])
         for batch in batches(f"many{run}", config.routed_events, 1000, senders=MANY_SERVICES):
             await store.insert_events(prepare(batch), time.time())
-        sorter = EventSorter(
-            store, InterestIndex(registrations), EventPool(store), reactor, poll_interval=3600
-        )
-        start = time.time()
-        sorter.start(0)
-        await sorter.caught_up()
-        elapsed = time.time() - start
-        await sorter.stop()
-        if sorter.position != config.routed_events:
-            raise RuntimeError(f"routed up to {sorter.position}, not {config.routed_events}")
     finally:
         await store.close()
+    async with running(reactor, url, registrations, poll_interval=3600) as service:
+        start = time.time()
+        await service.routed()
+        elapsed = time.time() - start
+        queued = sum(s.queued_events for s in await service.statuses())
+    if queued < config.routed_events:
+        raise RuntimeError(f"{queued} events queued, not {config.routed_events}")
     return Run([Measure("events/s", config.routed_events / elapsed, "events/s")])
 
 

@@ -1,0 +1,5 @@
+"""``python -m benchmarks``: the same as ``python -m benchmarks.bench``."""
+
+from .bench import main
+
+main()
