@@ -1,7 +1,10 @@
 """
 delivery: reliable event delivery to Matrix application services, on Twisted.
 
-The public API is what this module names; everything else may change.
+The public API is what this module names; everything else may change. Every type a public
+method returns or raises is named here too (what the store returns included), so that
+code using ``delivery`` never imports from its modules. ``delivery.testing`` has what an
+embedder needs to test against it.
 """
 
 from ._interfaces import IDeliveryObserver, IEventSource, ISender, IStore, SendResult
@@ -10,28 +13,63 @@ from .errors import (
     InvalidEventError,
     InvalidRegistrationError,
     InvalidStoreURLError,
+    StoreConfigurationError,
+    StoreLockedError,
+    StoreUnavailableError,
     UnknownServiceError,
 )
-from .events import StoredEvent
+from .events import Event, StoredEvent
+from .interest import RoutingFields
+from .records import (
+    DeadLetter,
+    Ingested,
+    QueuedEvent,
+    ServiceRecord,
+    ServiceSummary,
+    StoredTransaction,
+)
 from .registration import DeliveryOptions, Namespace, Registration
-from .service import DeliveryService, NotAcceptingEventsError, ServiceStatus
+from .service import (
+    DeliveryService,
+    NotAcceptingEventsError,
+    PurgeResult,
+    ReloadResult,
+    ServiceRegisteredError,
+    ServiceStatus,
+)
+from .store import SchemaTooNewError
 
 __all__ = [
+    "DeadLetter",
     "DeliveryError",
     "DeliveryOptions",
     "DeliveryService",
+    "Event",
     "IDeliveryObserver",
     "IEventSource",
     "ISender",
     "IStore",
+    "Ingested",
     "InvalidEventError",
     "InvalidRegistrationError",
     "InvalidStoreURLError",
     "Namespace",
     "NotAcceptingEventsError",
+    "PurgeResult",
+    "QueuedEvent",
     "Registration",
+    "ReloadResult",
+    "RoutingFields",
+    "SchemaTooNewError",
     "SendResult",
+    "ServiceRecord",
+    "ServiceRegisteredError",
     "ServiceStatus",
+    "ServiceSummary",
+    "StoreConfigurationError",
+    "StoreLockedError",
+    "StoreUnavailableError",
     "StoredEvent",
+    "StoredTransaction",
     "UnknownServiceError",
 ]

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from zope.interface import implementer
 
-from delivery import DeliveryService, IDeliveryObserver, Registration, SendResult
-from delivery.records import StoredTransaction
+from delivery import DeliveryService, Registration
 from delivery.store._schema import txn_id_base
+from delivery.testing import RecordingObserver
 
 from .receiver import HS_TOKEN
-from .waiting import Conditions
 
 
 def registration(
@@ -65,58 +62,9 @@ def event(
     }
 
 
-@implementer(IDeliveryObserver)
-class Recorder:
-    """An observer that keeps what happened and lets a test wait for it."""
-
-    def __init__(self) -> None:
-        self.states: list[tuple[str, str, str, str | None]] = []
-        self.results: list[tuple[str, StoredTransaction, SendResult]] = []
-        self.probes: list[tuple[str, SendResult]] = []
-        self.ingested = 0
-        self.dead_letters: list[tuple[str, int, int | None]] = []
-        self.routed: dict[str, int] = {}
-        self._conditions = Conditions()
-
-    def state_changed(self, service_id: str, old: str, new: str, reason: str | None) -> None:
-        self.states.append((service_id, old, new, reason))
-        self._check()
-
-    def transaction_done(self, service_id: str, txn: StoredTransaction, result: SendResult) -> None:
-        self.results.append((service_id, txn, result))
-        self._check()
-
-    def probe_done(self, service_id: str, result: SendResult) -> None:
-        self.probes.append((service_id, result))
-        self._check()
-
-    def dead_lettered(self, service_id: str, count: int, status: int | None) -> None:
-        self.dead_letters.append((service_id, count, status))
-        self._check()
-
-    def events_ingested(self, count: int) -> None:
-        self.ingested += count
-
-    def events_routed(self, counts: Any) -> None:
-        for service_id, count in counts.items():
-            self.routed[service_id] = self.routed.get(service_id, 0) + count
-
-    def wait_for(self, condition: Any, timeout: float = 15) -> Deferred[None]:
-        """Fires when ``condition()`` holds; fails after ``timeout`` real seconds."""
-        return self._conditions.wait_for(condition, timeout)
-
-    def wait_for_acks(self, count: int) -> Deferred[None]:
-        """Until ``count`` transactions have been acknowledged (and forgotten)."""
-        return self.wait_for(lambda: sum(1 for _, _, r in self.results if r.ok) >= count)
-
-    def wait_for_state(self, service_id: str, state: str) -> Deferred[None]:
-        count = sum(1 for s in self.states if s[0] == service_id and s[2] == state)
-        return self.wait_for(
-            lambda: sum(1 for s in self.states if s[0] == service_id and s[2] == state) > count
-        )
-
-    def _check(self) -> None:
-        self._conditions.check()
+#: an observer that keeps what happened and lets a test wait for it (each wait fails after
+#: 15 seconds of the real reactor): the one ``delivery.testing`` gives embedders
+Recorder = RecordingObserver
 
 
 def make_service(

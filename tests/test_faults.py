@@ -314,7 +314,7 @@ async def test_every_failure_in_turn_then_one_delivery_with_the_same_id(
         await service.submit([event(1), event(2)])
         for n in range(1, len(faults)):
             await faulty_receiver.wait_for_requests(n)
-            down = recorder.wait_for(lambda n=n: len(recorder.results) >= n)
+            down = recorder.wait_for(lambda: len(recorder.results) >= n)  # noqa: B023 (awaited here)
             if faults[n - 1].kind in ("hang", "hang_in_body", "slow"):
                 clock.advance(TIMEOUT)
             await down

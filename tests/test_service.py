@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
+import re
 import sqlite3
-from collections.abc import Sequence
+import sys
+import typing
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from zope.interface import implementer, provider
+from zope.interface.interface import InterfaceClass
 
 import delivery
+import delivery.testing
 from delivery import (
     DeliveryService,
     IEventSource,
@@ -26,16 +34,155 @@ from delivery.store._schema import SCHEMA_VERSION
 
 from .harness import event, make_service, registration, txn_ids
 
+#: what ``delivery`` exports: the design's names, and every type their methods return or raise
+PUBLIC_NAMES = [
+    "DeadLetter",
+    "DeliveryError",
+    "DeliveryOptions",
+    "DeliveryService",
+    "Event",
+    "IDeliveryObserver",
+    "IEventSource",
+    "ISender",
+    "IStore",
+    "Ingested",
+    "InvalidEventError",
+    "InvalidRegistrationError",
+    "InvalidStoreURLError",
+    "Namespace",
+    "NotAcceptingEventsError",
+    "PurgeResult",
+    "QueuedEvent",
+    "Registration",
+    "ReloadResult",
+    "RoutingFields",
+    "SchemaTooNewError",
+    "SendResult",
+    "ServiceRecord",
+    "ServiceRegisteredError",
+    "ServiceStatus",
+    "ServiceSummary",
+    "StoreConfigurationError",
+    "StoreLockedError",
+    "StoreUnavailableError",
+    "StoredEvent",
+    "StoredTransaction",
+    "UnknownServiceError",
+]
+
+#: modules of the daemon, not of the library: their errors are for the command line
+DAEMON_MODULES = ("delivery.api", "delivery.cli", "delivery.config", "delivery.daemon")
+
 
 def test_the_public_surface_is_what_the_design_names() -> None:
-    for name in ("DeliveryService", "Registration"):
-        assert name in delivery.__all__
+    assert sorted(delivery.__all__) == PUBLIC_NAMES
     assert sorted(delivery.__all__) == sorted(set(delivery.__all__))
     for name in delivery.__all__:
         assert getattr(delivery, name).__module__.startswith("delivery")
     assert callable(delivery.store.open_store)
     for method in ("submit", "status", "retry_now", "startService", "stopService"):
         assert callable(getattr(DeliveryService, method))
+
+
+def _named(hint: object) -> Iterator[object]:
+    """The classes and interfaces of ``delivery`` a type hint names (``Deferred[list[X]]``: X)."""
+    if isinstance(hint, (type, InterfaceClass)) and hint.__module__.startswith("delivery"):
+        yield hint
+    for arg in typing.get_args(hint) if not isinstance(hint, list) else hint:
+        yield from _named(arg)
+
+
+def _raised(doc: str | None, namespace: dict[str, Any]) -> Iterator[object]:
+    """
+    The errors a docstring says are raised (``:raises SomeError:``), found where the
+    function is defined or else in ``delivery``.
+    """
+    for name in re.findall(r":raises (\w+):", doc or ""):
+        found = namespace.get(name, getattr(delivery, name, None))
+        assert found is not None, f"{name} (in {doc!r}) is not a name of delivery"
+        yield found
+
+
+def _interface_methods(interface: InterfaceClass) -> Iterator[tuple[str, object, str | None]]:
+    """``(name, return annotation, docstring)`` of each method an interface declares."""
+    module = sys.modules[interface.__module__]
+    for node in ast.parse(inspect.getsource(module)).body:
+        if isinstance(node, ast.ClassDef) and node.name == interface.__name__:
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef) and item.returns is not None:
+                    hint = eval(ast.unparse(item.returns), vars(module))
+                    yield item.name, hint, interface[item.name].getDoc()
+
+
+def _methods(owner: Any) -> Iterator[tuple[str, object, str | None, dict[str, Any]]]:
+    """``(name, return annotation, docstring, globals)`` of each public method or field."""
+    if isinstance(owner, InterfaceClass):
+        for name, hint, doc in _interface_methods(owner):
+            yield name, hint, doc, vars(sys.modules[owner.__module__])
+        return
+    if inspect.isfunction(owner):
+        yield (
+            owner.__name__,
+            typing.get_type_hints(owner)["return"],
+            owner.__doc__,
+            owner.__globals__,
+        )
+        return
+    if attrs.has(owner):
+        for name, hint in typing.get_type_hints(owner).items():
+            yield name, hint, None, {}
+    for cls in owner.__mro__:
+        if not cls.__module__.startswith("delivery"):
+            continue
+        for name, member in vars(cls).items():
+            function = getattr(member, "__func__", getattr(member, "fget", member))
+            if name.startswith("_") or not inspect.isfunction(function):
+                continue
+            hints = typing.get_type_hints(function)
+            yield name, hints.get("return"), function.__doc__, function.__globals__
+
+
+def _reachable() -> dict[object, str]:
+    """
+    Every class or interface of ``delivery`` that a public name's methods return or raise,
+    or that their results' fields hold, then theirs in turn: where each was first seen.
+    """
+    todo: list[Any] = [getattr(delivery, name) for name in delivery.__all__]
+    todo += [delivery.store.open_store]
+    todo += [getattr(delivery.testing, name) for name in delivery.testing.__all__]
+    seen: dict[object, str] = {}
+    while todo:
+        owner = todo.pop()
+        if not (isinstance(owner, (type, InterfaceClass)) or inspect.isfunction(owner)):
+            continue  # a constant
+        for name, hint, doc, namespace in _methods(owner):
+            for found in [*_named(hint), *_raised(doc, namespace)]:
+                if found not in seen:
+                    seen[found] = f"{owner.__name__}.{name}"
+                    todo.append(found)
+    return seen
+
+
+def test_everything_a_public_method_returns_or_raises_is_public() -> None:
+    missing = []
+    for found, where in _reachable().items():
+        exported = delivery.testing if found.__module__ == "delivery.testing" else delivery
+        name = getattr(found, "__name__", "")
+        if name not in exported.__all__ or getattr(exported, name) is not found:
+            missing.append(f"{where}: {name} is not in {exported.__name__}.__all__")
+    assert not missing
+    assert {delivery.ReloadResult, delivery.StoredTransaction} <= _reachable().keys()
+
+
+def test_every_error_the_library_raises_is_public() -> None:
+    def subclasses(cls: type[Exception]) -> Iterator[type[Exception]]:
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    errors = [e for e in subclasses(delivery.DeliveryError) if e.__module__ not in DAEMON_MODULES]
+    assert delivery.StoreLockedError in errors
+    assert [e.__name__ for e in errors if getattr(delivery, e.__name__, None) is not e] == []
 
 
 def test_registration_ids_must_be_unique(store: Any) -> None:
