@@ -104,10 +104,14 @@ class Config:
         return result
 
 
-def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
+def load_config(
+    path: str | Path, environ: Mapping[str, str] | None = None, reactor: Any = None
+) -> Config:
     """
     Read and check a configuration file.
 
+    :param reactor: what the ``listen`` endpoint is checked against (the global reactor
+        if None).
     :raises ConfigError: naming the file and the key.
     """
     source = str(path)
@@ -116,12 +120,21 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
     except UnreadableYAML as e:
         raise ConfigError(source, None, str(e)) from None
     return parse_config(
-        data, source, Path(path).resolve().parent, os.environ if environ is None else environ
+        data,
+        source,
+        Path(path).resolve().parent,
+        os.environ if environ is None else environ,
+        reactor,
     )
 
 
-def parse_config(data: object, source: str, base: Path, environ: Mapping[str, str]) -> Config:
-    """Check a parsed configuration mapping; relative paths are taken from ``base``."""
+def parse_config(
+    data: object, source: str, base: Path, environ: Mapping[str, str], reactor: Any = None
+) -> Config:
+    """
+    Check a parsed configuration mapping; relative paths are taken from ``base``, and the
+    ``listen`` endpoint is checked against ``reactor`` (the global reactor if None).
+    """
 
     def fail(key: str | None, reason: str) -> ConfigError:
         return ConfigError(source, key, reason)
@@ -232,7 +245,7 @@ def parse_config(data: object, source: str, base: Path, environ: Mapping[str, st
 
     admin_token = token("admin_token")
     listen = string("listen", DEFAULT_LISTEN)
-    problem = _endpoint_problem(listen)
+    problem = _endpoint_problem(listen, reactor)
     if problem:
         raise fail(
             "listen",
@@ -267,9 +280,12 @@ def parse_config(data: object, source: str, base: Path, environ: Mapping[str, st
     )
 
 
-def _endpoint_problem(description: str) -> str | None:
-    from twisted.internet import endpoints, reactor
+def _endpoint_problem(description: str, reactor: Any) -> str | None:
+    """Why ``description`` is not an endpoint to listen on; None if it is one."""
+    from twisted.internet import endpoints
 
+    if reactor is None:
+        from twisted.internet import reactor
     try:
         endpoints.serverFromString(reactor, description)
     except Exception as e:  # any way the description cannot be used is the answer
@@ -278,12 +294,12 @@ def _endpoint_problem(description: str) -> str | None:
 
 
 def check(
-    path: str | Path, environ: Mapping[str, str] | None = None
+    path: str | Path, environ: Mapping[str, str] | None = None, reactor: Any = None
 ) -> tuple[Config, list[Registration]]:
     """
-    Load the configuration and every registration.
+    Load the configuration and every registration (``reactor``: as for :func:`load_config`).
 
     :raises ConfigError: or :class:`InvalidRegistrationError`, for the first problem.
     """
-    config = load_config(path, environ)
+    config = load_config(path, environ, reactor)
     return config, config.registrations()

@@ -13,55 +13,19 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-import attrs
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
+from ._backoff import BackoffPolicy
 from ._interfaces import IStore, SendResult
 from ._log import Logger
 from ._observers import Observers
 from ._state import ServiceHandle, State
 from .errors import StoreUnavailableError
 from .records import StoredTransaction
-from .registration import DeliveryOptions
 
 log = Logger()
-
-
-@attrs.frozen
-class BackoffPolicy:
-    """
-    Waits that double from ``initial_delay`` up to ``max_delay``, each moved by a random
-    ``±jitter`` fraction so that many services do not retry in step.
-    """
-
-    initial_delay: float = 1.0
-    max_delay: float = 300.0
-    factor: float = 2.0
-    jitter: float = 0.2
-
-    @classmethod
-    def of(cls, options: DeliveryOptions) -> BackoffPolicy:
-        return cls(options.initial_delay, options.max_delay, 2.0, options.jitter)
-
-    def base(self, failures: int) -> float:
-        """The wait after ``failures`` failures in a row, before jitter."""
-        exponent = min(max(failures - 1, 0), 64)
-        return float(min(self.max_delay, self.initial_delay * self.factor**exponent))
-
-    def delay(self, failures: int, rng: random.Random, retry_after: float | None = None) -> float:
-        """
-        The wait after ``failures`` failures in a row, never longer than ``max_delay``
-        (at the cap the jitter only shortens it). A receiver's ``Retry-After`` is honoured
-        when it asks for longer, up to ``max_delay``.
-        """
-        base = self.base(failures)
-        low, high = base * (1 - self.jitter), min(base * (1 + self.jitter), self.max_delay)
-        wait = rng.uniform(low, high)
-        if retry_after is not None and retry_after > wait:
-            wait = min(retry_after, self.max_delay)
-        return wait
 
 
 #: answers to a probe from a receiver that is there but does not implement the ping

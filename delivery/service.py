@@ -16,6 +16,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
+from ._backoff import BackoffPolicy
 from ._interfaces import IDeliveryObserver, IEventSource, ISender, IStore
 from ._log import Logger
 from ._observers import Observers
@@ -62,6 +63,9 @@ class ServiceStatus:
 
 #: seconds between checks of pending ages against ``max_pending_age``
 AGE_CHECK_INTERVAL = 60.0
+
+#: start-up waits for an unavailable store: 0.5 s doubling to 5 s, not jittered
+START_BACKOFF = BackoffPolicy(initial_delay=0.5, max_delay=5.0, jitter=0.0)
 
 #: the state reported for a service that is no longer registered but has data stored
 ORPHANED = "orphaned"
@@ -162,7 +166,8 @@ class DeliveryService(Service):
         window = max([pool_window, *(r.options.max_events for r in self.registrations.values())])
         self._pool = EventPool(store, window, self._ready)
         self._maker = TransactionMaker(store, self._pool, self.clock, self._observers)
-        self._recoverer = Recoverer(store, self._maker.kick, self.clock, self._observers, rng)
+        self._rng = rng if rng is not None else random.Random()
+        self._recoverer = Recoverer(store, self._maker.kick, self.clock, self._observers, self._rng)
         self._sorter = EventSorter(
             store,
             InterestIndex(self.registrations.values(), server_name=server_name),
@@ -238,18 +243,19 @@ class DeliveryService(Service):
     async def _while_unavailable(self, step: Callable[[], Awaitable[T]]) -> T:
         """``step()``, tried again with backoff while the store is unavailable, for a while."""
         deadline = self.clock.seconds() + self.start_timeout
-        delay = 0.5
+        failures = 0
         while True:
             try:
                 return await step()
             except StoreUnavailableError as e:
+                failures += 1
+                delay = START_BACKOFF.delay(failures, self._rng)
                 if self.clock.seconds() + delay > deadline:
                     raise
                 log.warn(
                     "starting: {error}; trying again in {delay:g} s", error=str(e), delay=delay
                 )
                 await deferLater(self.clock, delay, lambda: None)
-                delay = min(delay * 2, 5.0)
 
     def _check_ages(self) -> None:
         d = Deferred.fromCoroutine(self.pending_too_long())

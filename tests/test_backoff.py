@@ -6,8 +6,8 @@ import random
 
 import pytest
 
+from delivery._backoff import BackoffPolicy
 from delivery.matrix import parse_retry_after
-from delivery.recoverer import BackoffPolicy
 
 
 def test_waits_double_from_the_initial_delay_up_to_the_maximum() -> None:

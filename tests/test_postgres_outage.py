@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import json
+import random
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from zope.interface import implementer
 
 from delivery.errors import StoreUnavailableError
 from delivery.store import PostgresStore, open_store
+from delivery.store._connections import RECONNECT, Pool
 from delivery.store._sql import EVENTS_CHANNEL
 
 from .daemon_harness import INGEST, start_daemon, write_config, write_registration
@@ -287,6 +289,60 @@ async def test_the_listener_listens_again_after_an_outage(
         _let_in(postgres_url)
         await store.close()
     assert logged.tracebacks() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_reconnects_wait_as_the_backoff_policy_says(postgres_url: str, reactor: Any) -> None:
+    """
+    A connection that cannot get back tries at once, then waits as the one backoff policy
+    says (0.2 s doubling to 5 s, jittered, never past 5 s), measured on the clock and
+    jittered by the generator it is given: the same generator, the same waits.
+    """
+    clock = task.Clock()
+    lost: list[object] = []
+    failed: list[object] = []
+    pool = Pool(
+        postgres_url,
+        reactor,
+        1,
+        on_lost=lost.append,
+        on_retry_failed=failed.append,
+        on_back=lambda: None,
+        on_notify=lambda channel: None,
+        clock=clock,
+        rng=random.Random(7),
+    )
+    await pool.connect()
+
+    def wait() -> float:
+        """The wait before the next attempt, which is all the clock holds."""
+        (call,) = clock.getDelayedCalls()
+        return call.getTime() - clock.seconds()
+
+    def attempt() -> None:
+        """Let the clock reach the next attempt."""
+        (call,) = clock.getDelayedCalls()
+        clock.rightNow = call.getTime()
+        clock.advance(0)
+
+    waits: list[float] = []
+    try:
+        _terminate_backends(postgres_url, keep_out=True)
+        await until(reactor, lambda: bool(lost), "the connection lost")
+        assert wait() == 0  # the first attempt at once
+        for n in range(1, 9):
+            attempt()
+            await until(reactor, lambda: len(failed) > len(waits), f"attempt {n} refused")
+            waits.append(wait())
+    finally:
+        _let_in(postgres_url)
+        pool.close()
+    same = random.Random(7)
+    assert waits == pytest.approx([RECONNECT.delay(n, same) for n in range(1, 9)])
+    bases = [0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0, 5.0]
+    for got, base in zip(waits, bases, strict=True):
+        assert base * 0.8 <= got <= min(base * 1.2, 5.0)
+    assert len(set(waits[-3:])) == 3  # jittered at the cap too
 
 
 @pytest_twisted.ensureDeferred

@@ -8,11 +8,12 @@ asynchronous connections, plus what several processes sharing one database need.
 - Migrations run under another advisory lock: processes starting together migrate once.
 - ``NOTIFY delivery_events`` on ingest wakes the sorter of every process at once, through
   a dedicated ``LISTEN`` connection.
-- Each connection keeps itself connected: when it dies (the server restarted, the backend
-  was terminated) it reconnects with backoff, and meanwhile operations fail at once with
-  :class:`StoreUnavailableError`. An outage is logged once when it begins and once when it
-  ends. The ``LISTEN`` connection listens again when it is back, and wakes the sorter then:
-  notifications sent meanwhile were lost.
+- The connections are a pool of their own (``_connections``), each of which keeps itself
+  connected: when one dies (the server restarted, the backend was terminated) it
+  reconnects with backoff, and while none is up operations fail at once with
+  :class:`StoreUnavailableError`. The pool tells the store through callbacks; an outage
+  is logged once when it begins and once when it ends. The ``LISTEN`` connection listens
+  again when it is back, and wakes the sorter then: notifications sent meanwhile were lost.
 - Every operation is bounded: one the server does not answer within ``timeout`` seconds is
   abandoned with its connection (which reconnects) and fails with
   :class:`StoreUnavailableError`, so that a dead network never hangs the pool.
@@ -30,15 +31,13 @@ asynchronous connections, plus what several processes sharing one database need.
 from __future__ import annotations
 
 import random
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
-from txpostgres import txpostgres
 from txpostgres.psycopg2_impl import psycopg2
 from zope.interface import implementer
 
@@ -47,6 +46,7 @@ from .._log import Logger
 from ..errors import StoreConfigurationError, StoreUnavailableError
 from . import _sql
 from ._base import GeneratorStore
+from ._connections import Connection, Deadline, Link, Pool
 from ._schema import POSTGRES
 from ._url import hide_secrets, redact_url
 
@@ -94,14 +94,6 @@ FIXES = (
 )
 #: SQLSTATEs of a write the database cannot take for now, in plain words
 UNWRITABLE = {"53100": "disk full", "25006": "read-only"}
-
-#: seconds a connection attempt may take (libpq's ``connect_timeout`` does not apply to
-#: asynchronous connections)
-CONNECT_TIMEOUT = 10.0
-#: waits between attempts to reconnect: the first at once, then from the initial wait
-#: doubling to the longest, each moved by up to 20 % either way
-RECONNECT_INITIAL_DELAY = 0.2
-RECONNECT_MAX_DELAY = 5.0
 
 
 async def _execute(cursor: Any, op: _sql.Query | _sql.Insert, before: list[str]) -> Any:
@@ -200,6 +192,9 @@ class PostgresStore(GeneratorStore):
     :param connections: the size of the pool (one more connection listens for NOTIFY).
     :param timeout: seconds an operation may wait for the server's answers before it is
         abandoned as unavailable (``None``: no limit).
+    :param clock: what timeouts and the waits between reconnects are measured on; the
+        reactor if None.
+    :param rng: what jitters the waits between reconnects; a new generator if None.
     """
 
     dialect = POSTGRES
@@ -210,18 +205,21 @@ class PostgresStore(GeneratorStore):
         reactor: Any = None,
         connections: int = 4,
         timeout: float | None = 60.0,
+        *,
+        clock: IReactorTime | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
         self.url = url
         self.timeout = timeout
         self._reactor = reactor
+        self._clock: IReactorTime = clock if clock is not None else reactor
+        self._rng = rng if rng is not None else random.Random()
         self._size = connections
-        self._pool: _Pool | None = None
-        self._listener: _Link | None = None
+        self._pool: Pool | None = None
         self._observers: list[Callable[[], None]] = []
-        #: the connections that are down, and since when and why
-        self._down: set[_Link] = set()
+        #: since when and why connections are down
         self._outage: _Outage | None = None
 
     def __repr__(self) -> str:
@@ -234,24 +232,31 @@ class PostgresStore(GeneratorStore):
     # -- opening and closing --
 
     async def _open(self) -> None:
-        if self._pool is None:
-            links = [_Link(self, prepare=_set_up) for _ in range(self._size)]
-            await self._connect(links)
-            self._pool = _Pool(links)
+        pool = self._pool
+        if pool is None:
+            pool = Pool(
+                self.url,
+                self._reactor,
+                self._size,
+                on_lost=self._connection_lost,
+                on_retry_failed=self._reconnect_failed,
+                on_back=self._reconnected,
+                on_notify=self._notified,
+                prepare=_set_up,
+                clock=self._clock,
+                rng=self._rng,
+            )
+            await self._connect(pool.connect())
+            self._pool = pool
         # A migration may take long on a big database: it is not bounded.
         self._migrated(await self._operation(_sql.migrate(self.dialect), None))
-        if self._listener is None:
-            listener = _Link(self, prepare=self._start_listening)
-            await self._connect([listener])
-            self._listener = listener
+        await self._connect(pool.listen(_sql.EVENTS_CHANNEL))
 
-    async def _connect(self, links: list[_Link]) -> None:
+    async def _connect(self, connecting: Awaitable[None]) -> None:
+        """Wait for ``connecting``; a failure as what to fix, or as unavailable."""
         try:
-            for link in links:
-                await link.connect()
+            await connecting
         except Exception as e:
-            for link in links:
-                link.close()
             fix = _fix(e)
             if fix is not None:
                 raise StoreConfigurationError(
@@ -267,28 +272,19 @@ class PostgresStore(GeneratorStore):
 
     def close(self) -> Deferred[None]:
         pool, self._pool = self._pool, None
-        listener, self._listener = self._listener, None
-        for link in ([*pool.links] if pool else []) + ([listener] if listener else []):
-            link.close()
-        self._down.clear()
+        if pool is not None:
+            pool.close()
         self._outage = None
         return succeed(None)
 
     # -- NOTIFY --
 
-    async def _start_listening(self, connection: _Connection) -> None:
-        connection.addNotifyObserver(self._notified)
-        await connection.cursor().execute(_LISTEN)
-
-    def _notified(self, notify: Any) -> None:
+    def _notified(self, channel: str) -> None:
         # Events this store inserted itself are its service's to route (submit() hands
-        # them to the sorter); other processes' wake it.
-        if notify.channel == _sql.EVENTS_CHANNEL and notify.pid not in self._backend_pids():
+        # them to the sorter), and the pool does not report its own notifications; other
+        # processes' wake it, and so does the listener coming back (it may have missed some).
+        if channel == _sql.EVENTS_CHANNEL:
             self._wake()
-
-    def _backend_pids(self) -> set[int]:
-        links = self._pool.links if self._pool is not None else []
-        return {link.backend_pid for link in links if link.connection is not None}
 
     def _wake(self) -> None:
         for observer in list(self._observers):
@@ -319,9 +315,9 @@ class PostgresStore(GeneratorStore):
             pool.release(link)
 
     async def _transaction(
-        self, link: _Link, connection: _Connection, steps: _sql.Steps[T], timeout: float | None
+        self, link: Link, connection: Connection, steps: _sql.Steps[T], timeout: float | None
     ) -> T:
-        deadline = _Deadline(self._reactor, timeout, connection)
+        deadline = Deadline(self._clock, timeout, connection)
         try:
             value, wrote = await drive(connection.cursor(), steps)
         except Exception as e:
@@ -349,20 +345,17 @@ class PostgresStore(GeneratorStore):
         why = f"{self._outage.error}; reconnecting" if self._outage else "reconnecting"
         return StoreUnavailableError(f"PostgreSQL at {redact_url(self.url)} is unavailable: {why}")
 
-    # -- outages, as the links tell of them: logged once each --
+    # -- outages, as the pool tells of them: logged once each --
 
-    def _link_down(self, link: _Link, error: object) -> None:
+    def _connection_lost(self, error: object) -> None:
         if self._outage is None:
-            self._outage = _Outage(self._reactor.seconds(), self._say(error))
+            self._outage = _Outage(self._clock.seconds(), self._say(error))
             log.warn(
                 "lost the connection to PostgreSQL at {db}: {error}; reconnecting with"
                 " backoff, and until then every operation fails at once",
                 db=redact_url(self.url),
                 error=self._outage.error,
             )
-        self._down.add(link)
-        if self._pool is not None:
-            self._pool.changed()  # the operations waiting fail if no link is left
 
     def _reconnect_failed(self, error: object) -> None:
         if self._outage is not None and not self._outage.retrying:
@@ -373,20 +366,14 @@ class PostgresStore(GeneratorStore):
                 error=self._say(error),
             )
 
-    def _link_up(self, link: _Link) -> None:
-        self._down.discard(link)
-        if not self._down and self._outage is not None:
+    def _reconnected(self) -> None:
+        if self._outage is not None:
             began, self._outage = self._outage.began, None
             log.info(
                 "reconnected to PostgreSQL at {db} after {seconds:.1f} s",
                 db=redact_url(self.url),
-                seconds=self._reactor.seconds() - began,
+                seconds=self._clock.seconds() - began,
             )
-        if self._pool is not None:
-            self._pool.changed()
-        if link is self._listener:
-            # Notifications sent while it was away are lost: look for new events now.
-            self._wake()
 
 
 @attrs.define
@@ -399,8 +386,6 @@ class _Outage:
     retrying: bool = False
 
 
-_LISTEN = f"LISTEN {_sql.EVENTS_CHANNEL}"
-
 # Every read of ours walks a primary key in order and stops at a LIMIT. While a table's
 # statistics are missing or stale (a young database, a burst), the planner reckons a range
 # small and chooses a bitmap scan, which reads all of it and sorts it: a service's queue
@@ -409,194 +394,12 @@ _LISTEN = f"LISTEN {_sql.EVENTS_CHANNEL}"
 _SESSION = "SET enable_bitmapscan = off"
 
 
-class _Connection(txpostgres.Connection):  # type: ignore[misc]
-    """A txpostgres connection that tells its owner when it dies, rather than the log."""
-
-    def __init__(self, reactor: Any) -> None:
-        super().__init__(reactor)
-        #: called with the reason when the connection is lost
-        self.on_lost: Callable[[Failure], None] | None = None
-
-    def doRead(self) -> object:
-        try:
-            super().doRead()
-        except psycopg2.Error as e:
-            # An idle connection whose server went away: txpostgres has no one to report
-            # the error to and lets it escape to the reactor, which would log it as an
-            # unhandled error before disconnecting. Return it instead: the reactor then
-            # disconnects with it as the reason (connectionLost), quietly.
-            return e
-        return None
-
-    def connectionLost(self, reason: Failure) -> None:
-        super().connectionLost(reason)
-        if self.on_lost is not None:
-            self.on_lost(reason)
-
-    def close(self) -> None:
-        self.on_lost = None
-        if self._connection is not None:  # else it never got as far as connecting
-            super().close()
-
-
-class _Link:
-    """
-    One connection to the database that keeps itself connected. When it dies it is down
-    (``connection`` is None) and reconnects with backoff, the first time at once (a
-    terminated backend leaves the server there).
-    """
-
-    def __init__(
-        self,
-        store: PostgresStore,
-        prepare: Callable[[_Connection], Awaitable[None]] | None = None,
-    ) -> None:
-        self._store = store
-        self._reactor = store._reactor
-        #: run on each new connection before it is used
-        self._prepare = prepare
-        self.connection: _Connection | None = None
-        #: the server process of the connection (NOTIFY names the one that sent it)
-        self.backend_pid = 0
-        #: the connection being made
-        self._attempt: _Connection | None = None
-        self._delay = 0.0
-        self._retry: IDelayedCall | None = None
-        self._closed = False
-
-    async def connect(self) -> None:
-        """Connect the first time; raise why not."""
-        self._use(await self._new())
-
-    async def _new(self) -> _Connection:
-        connection = _Connection(self._reactor)
-        self._attempt = connection
-        deadline = _Deadline(self._reactor, CONNECT_TIMEOUT, connection)
-        try:
-            await connection.connect(self._store.url)
-            if self._prepare is not None:
-                await self._prepare(connection)
-        except Exception:
-            connection.close()
-            if deadline.expired:
-                raise TimeoutError(f"no answer within {CONNECT_TIMEOUT} s") from None
-            raise
-        finally:
-            deadline.cancel()
-            self._attempt = None
-        return connection
-
-    def _use(self, connection: _Connection) -> None:
-        self.connection = connection
-        self.backend_pid = connection._connection.get_backend_pid()
-        connection.on_lost = lambda reason: self.lost(connection, reason.value)
-
-    def lost(self, connection: _Connection, error: object) -> None:
-        """``connection`` died or cannot be trusted any more: drop it and reconnect."""
-        if connection is not self.connection:
-            return  # already dropped
-        self.connection = None
-        connection.close()
-        if self._closed:
-            return
-        self._store._link_down(self, error)
-        self._delay = 0.0
-        self._retry = self._reactor.callLater(0, self._reconnect)
-
-    def _reconnect(self) -> None:
-        self._retry = None
-        Deferred.fromCoroutine(self._reconnecting())
-
-    async def _reconnecting(self) -> None:
-        try:
-            connection = await self._new()
-        except Exception as e:
-            if self._closed:
-                return
-            self._store._reconnect_failed(e)
-            self._delay = min(RECONNECT_MAX_DELAY, max(RECONNECT_INITIAL_DELAY, self._delay * 2))
-            self._retry = self._reactor.callLater(
-                self._delay * random.uniform(0.8, 1.2), self._reconnect
-            )
-            return
-        if self._closed:
-            connection.close()
-            return
-        self._use(connection)
-        self._store._link_up(self)
-
-    def close(self) -> None:
-        """Close for good: no reconnecting."""
-        self._closed = True
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
-        self._retry = None
-        for connection in (self.connection, self._attempt):
-            if connection is not None:
-                connection.close()
-        self.connection = None
-
-
-class _Pool:
-    """
-    A fixed set of links, each used by one transaction at a time. An operation takes a free
-    link that is up, or waits its turn while any link is up; when none is, it fails at once
-    rather than wait for the database to come back.
-    """
-
-    def __init__(self, links: list[_Link]) -> None:
-        self.links = links
-        self._idle = list(links)
-        self._waiting: deque[Deferred[_Link | None]] = deque()
-
-    def acquire(self) -> Deferred[_Link | None]:
-        """A free link that is up, or None if none is; give it back with release()."""
-        waiter: Deferred[_Link | None] = Deferred()
-        self._waiting.append(waiter)
-        self.changed()
-        return waiter
-
-    def release(self, link: _Link) -> None:
-        self._idle.append(link)
-        self.changed()
-
-    def changed(self) -> None:
-        """Hand free links to the operations waiting, in turn (or None: all are down)."""
-        while self._waiting:
-            if all(link.connection is None for link in self.links):
-                self._waiting.popleft().callback(None)
-                continue
-            link = next((link for link in self._idle if link.connection is not None), None)
-            if link is None:
-                return
-            self._idle.remove(link)
-            self._waiting.popleft().callback(link)
-
-
-class _Deadline:
-    """Closes a connection that has not finished its work in time (no limit: None)."""
-
-    def __init__(self, reactor: Any, seconds: float | None, connection: _Connection) -> None:
-        self.expired = False
-        self._call: IDelayedCall | None = (
-            None if seconds is None else reactor.callLater(seconds, self._expire, connection)
-        )
-
-    def _expire(self, connection: _Connection) -> None:
-        self.expired = True
-        connection.close()
-
-    def cancel(self) -> None:
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-
-
-async def _set_up(connection: _Connection) -> None:
+async def _set_up(connection: Connection) -> None:
     """Make a new connection of the pool ready for the store's operations."""
     await connection.cursor().execute(_SESSION)
 
 
-async def _rolled_back(connection: _Connection) -> bool:
+async def _rolled_back(connection: Connection) -> bool:
     """Roll back the connection's transaction; whether it could."""
     try:
         await connection.cursor().execute("ROLLBACK")
