@@ -19,7 +19,6 @@ operator enables the service again.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
 from typing import Protocol
 
 import attrs
@@ -59,84 +58,20 @@ class ServiceMachine(Protocol):
         """An operator wants a disabled service sent to again."""
 
 
-@attrs.define
-class ServiceCore:
-    """What the machine acts on: the current state, and what to do on entering one."""
+class StateEffects(Protocol):
+    """What happens on entering each state (the Recoverer): timers, records, the log."""
 
-    service_id: str
-    enter_down: Callable[[State, SendResult, StoredTransaction | None], None]
-    enter_recovering: Callable[[State], None]
-    enter_up: Callable[[], None]
-    enter_disabled: Callable[[State, SendResult, StoredTransaction], None]
-    state: State = State.UP
+    def enter_down(
+        self, handle: ServiceHandle, old: State, result: SendResult, txn: StoredTransaction | None
+    ) -> None: ...
 
+    def enter_recovering(self, handle: ServiceHandle, old: State) -> None: ...
 
-_builder = TypeMachineBuilder(ServiceMachine, ServiceCore)
-_up = _builder.state("up")
-_down = _builder.state("down")
-_recovering = _builder.state("recovering")
-_disabled = _builder.state("disabled")
+    def enter_up(self, handle: ServiceHandle) -> None: ...
 
-
-@_up.upon(ServiceMachine.failed).to(_down)
-@_recovering.upon(ServiceMachine.failed).to(_down)
-def _fail(
-    machine: ServiceMachine,
-    core: ServiceCore,
-    result: SendResult,
-    txn: StoredTransaction | None,
-) -> None:
-    old, core.state = core.state, State.DOWN
-    core.enter_down(old, result, txn)
-
-
-@_down.upon(ServiceMachine.retry).to(_recovering)
-def _retry(machine: ServiceMachine, core: ServiceCore) -> None:
-    core.state = State.RECOVERING
-    core.enter_recovering(State.DOWN)
-
-
-@_recovering.upon(ServiceMachine.caught_up).to(_up)
-def _caught_up(machine: ServiceMachine, core: ServiceCore) -> None:
-    core.state = State.UP
-    core.enter_up()
-
-
-@_up.upon(ServiceMachine.disable).to(_disabled)
-@_recovering.upon(ServiceMachine.disable).to(_disabled)
-def _disable(
-    machine: ServiceMachine, core: ServiceCore, result: SendResult, txn: StoredTransaction
-) -> None:
-    old, core.state = core.state, State.DISABLED
-    core.enter_disabled(old, result, txn)
-
-
-@_disabled.upon(ServiceMachine.enable).to(_recovering)
-def _enable(machine: ServiceMachine, core: ServiceCore) -> None:
-    core.state = State.RECOVERING
-    core.enter_recovering(State.DISABLED)
-
-
-# Asking an UP or RECOVERING service to retry changes nothing: it is sending already; nor
-# does a retry end a DISABLED service's pause (only enable does), and enabling a service
-# that is not disabled changes nothing.
-for _s in (_up, _recovering, _disabled):
-    _s.upon(ServiceMachine.retry).loop().returns(None)
-for _s in (_up, _down, _recovering):
-    _s.upon(ServiceMachine.enable).loop().returns(None)
-
-_Machine = _builder.build()
-_STATES = {
-    State.UP: _up,
-    State.DOWN: _down,
-    State.RECOVERING: _recovering,
-    State.DISABLED: _disabled,
-}
-
-
-def service_machine(core: ServiceCore) -> ServiceMachine:
-    """A machine for ``core``, starting in ``core.state``."""
-    return _Machine(core, _STATES[core.state])
+    def enter_disabled(
+        self, handle: ServiceHandle, old: State, result: SendResult, txn: StoredTransaction
+    ) -> None: ...
 
 
 @attrs.define(eq=False)
@@ -145,8 +80,12 @@ class ServiceHandle:
 
     registration: Registration
     sender: ISender
-    core: ServiceCore
-    machine: ServiceMachine
+    #: what entering a state does
+    effects: StateEffects
+    #: the current state; the machine moves it
+    state: State = State.UP
+    #: the service's state machine, acting on this handle
+    machine: ServiceMachine = attrs.field(init=False)
     #: failed attempts in a row (0 when UP)
     failure_count: int = 0
     last_error: str | None = None
@@ -174,13 +113,12 @@ class ServiceHandle:
     #: the last of the writes recording this service's state, in order
     persisting: Deferred[None] | None = None
 
+    def __attrs_post_init__(self) -> None:
+        self.machine = _Machine(self, _STATES[self.state])
+
     @property
     def id(self) -> str:
         return self.registration.id
-
-    @property
-    def state(self) -> State:
-        return self.core.state
 
     async def recorded(self) -> None:
         """Wait until the writes recording the service's state are done, however they end."""
@@ -189,6 +127,69 @@ class ServiceHandle:
             await _observe(pending)
             if self.persisting is pending:
                 break
+
+
+_builder = TypeMachineBuilder(ServiceMachine, ServiceHandle)
+_up = _builder.state("up")
+_down = _builder.state("down")
+_recovering = _builder.state("recovering")
+_disabled = _builder.state("disabled")
+
+
+@_up.upon(ServiceMachine.failed).to(_down)
+@_recovering.upon(ServiceMachine.failed).to(_down)
+def _fail(
+    machine: ServiceMachine,
+    handle: ServiceHandle,
+    result: SendResult,
+    txn: StoredTransaction | None,
+) -> None:
+    old, handle.state = handle.state, State.DOWN
+    handle.effects.enter_down(handle, old, result, txn)
+
+
+@_down.upon(ServiceMachine.retry).to(_recovering)
+def _retry(machine: ServiceMachine, handle: ServiceHandle) -> None:
+    handle.state = State.RECOVERING
+    handle.effects.enter_recovering(handle, State.DOWN)
+
+
+@_recovering.upon(ServiceMachine.caught_up).to(_up)
+def _caught_up(machine: ServiceMachine, handle: ServiceHandle) -> None:
+    handle.state = State.UP
+    handle.effects.enter_up(handle)
+
+
+@_up.upon(ServiceMachine.disable).to(_disabled)
+@_recovering.upon(ServiceMachine.disable).to(_disabled)
+def _disable(
+    machine: ServiceMachine, handle: ServiceHandle, result: SendResult, txn: StoredTransaction
+) -> None:
+    old, handle.state = handle.state, State.DISABLED
+    handle.effects.enter_disabled(handle, old, result, txn)
+
+
+@_disabled.upon(ServiceMachine.enable).to(_recovering)
+def _enable(machine: ServiceMachine, handle: ServiceHandle) -> None:
+    handle.state = State.RECOVERING
+    handle.effects.enter_recovering(handle, State.DISABLED)
+
+
+# Asking an UP or RECOVERING service to retry changes nothing: it is sending already; nor
+# does a retry end a DISABLED service's pause (only enable does), and enabling a service
+# that is not disabled changes nothing.
+for _s in (_up, _recovering, _disabled):
+    _s.upon(ServiceMachine.retry).loop().returns(None)
+for _s in (_up, _down, _recovering):
+    _s.upon(ServiceMachine.enable).loop().returns(None)
+
+_Machine = _builder.build()
+_STATES = {
+    State.UP: _up,
+    State.DOWN: _down,
+    State.RECOVERING: _recovering,
+    State.DISABLED: _disabled,
+}
 
 
 async def _observe(d: Deferred[None]) -> None:

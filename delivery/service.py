@@ -5,9 +5,10 @@ daemon.
 
 from __future__ import annotations
 
+import functools
 import random
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from typing import Any, ParamSpec, TypeVar
 
 import attrs
 from twisted.application.service import Service
@@ -20,11 +21,12 @@ from ._backoff import BackoffPolicy
 from ._interfaces import IDeliveryObserver, IEventSource, ISender, IStore
 from ._log import Logger
 from ._observers import Observers
-from ._state import ServiceCore, ServiceHandle, State, service_machine
+from ._services import Services
+from ._state import State
 from .errors import DeliveryError, StoreUnavailableError, UnknownServiceError
 from .events import DEFAULT_MAX_EVENT_BYTES, prepare
 from .interest import InterestIndex
-from .matrix import ConnectionPool, MatrixSender
+from .matrix import ConnectionPool
 from .pool import DEFAULT_WINDOW, EventPool
 from .records import DeadLetter, ServiceRecord, ServiceSummary, StoredTransaction
 from .recoverer import Recoverer
@@ -34,6 +36,17 @@ from .transactions import TransactionMaker
 
 log = Logger()
 T = TypeVar("T")
+P = ParamSpec("P")
+
+
+def deferred(f: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Deferred[T]]:
+    """A coroutine function as one that returns a Deferred, as the public API does."""
+
+    @functools.wraps(f)
+    def run(*args: P.args, **kwargs: P.kwargs) -> Deferred[T]:
+        return Deferred.fromCoroutine(f(*args, **kwargs))
+
+    return run
 
 
 @attrs.frozen
@@ -162,9 +175,8 @@ class DeliveryService(Service):
         self._external_source = event_source is not None
         self._observers = Observers()
         self._connections = ConnectionPool(reactor)
-        self._senders = dict(senders or {})
         window = max([pool_window, *(r.options.max_events for r in self.registrations.values())])
-        self._pool = EventPool(store, window, self._ready)
+        self._pool = EventPool(store, window)
         self._maker = TransactionMaker(store, self._pool, self.clock, self._observers)
         self._rng = rng if rng is not None else random.Random()
         self._recoverer = Recoverer(store, self._maker.kick, self.clock, self._observers, self._rng)
@@ -178,12 +190,19 @@ class DeliveryService(Service):
             alias_lookup=alias_lookup,
             observers=self._observers,
         )
-        self._handles: dict[str, ServiceHandle] = {}
+        self._services = Services(
+            store,
+            self._pool,
+            self._maker,
+            self._recoverer,
+            self._connections,
+            self.clock,
+            dict(senders or {}),
+        )
+        self._pool.on_ready = self._services.ready
         self._age_check: IDelayedCall | None = None
         #: services whose oldest pending event is older than their max_pending_age
         self._too_old: set[str] = set()
-        #: removed services whose loops may still be ending: done once they have
-        self._retiring: dict[str, Deferred[None]] = {}
         #: one reload at a time: each one's changes are worked out from the last one's
         self._reloading = DeferredLock()
         self._starting: Deferred[None] | None = None
@@ -232,9 +251,10 @@ class DeliveryService(Service):
         # restart of the server as we start); then everything started at once.
         registrations = list(self.registrations.values())
         await self._while_unavailable(self.store.open)
-        starts = await self._while_unavailable(lambda: self._read_starts(registrations))
+        starts = await self._while_unavailable(lambda: self._services.prepare(registrations))
         position = await self._while_unavailable(self.store.sorter_position)
-        self._start_handles(registrations, starts)
+        for registration in registrations:
+            self._services.start(registration, starts[registration.id])
         self._sorter.start(position)
         if not self._external_source:
             self.store.on_new_events(self._sorter.wake)
@@ -304,70 +324,6 @@ class DeliveryService(Service):
         self._too_old = set(over)
         return over
 
-    async def _read_starts(
-        self, registrations: list[Registration]
-    ) -> dict[str, tuple[ServiceRecord, bool]]:
-        """What starting these services needs from the database: record, stored or not."""
-        await self.store.ensure_services([r.id for r in registrations])
-        records = await self.store.services()
-        starts = {}
-        for registration in registrations:
-            stored = await self.store.oldest_transaction(registration.id)
-            starts[registration.id] = (records[registration.id], stored is not None)
-        return starts
-
-    def _start_handles(
-        self, registrations: list[Registration], starts: dict[str, tuple[ServiceRecord, bool]]
-    ) -> None:
-        for registration in registrations:
-            if not self._sends(registration):
-                continue
-            record, stored = starts[registration.id]
-            if record.state == str(State.DISABLED):
-                # The receiver said it is gone: only an operator sends to it again.
-                handle = self._handle(registration, State.DISABLED)
-                handle.last_error = record.last_error
-                continue
-            handle = self._handle(registration, State.DOWN if stored else State.UP)
-            handle.failure_count = record.failure_count
-            handle.last_error = record.last_error
-            if stored:
-                self._recoverer.resume(handle)
-            else:
-                if record.state != str(State.UP):
-                    self._recoverer.record_state(handle, State.UP)
-                self._maker.kick(handle)
-
-    def _sender(self, registration: Registration) -> ISender:
-        sender = self._senders.get(registration.id)
-        if sender is None:
-            sender = MatrixSender(registration, self._connections, self.clock)
-        return sender
-
-    def _handle(self, registration: Registration, state: State) -> ServiceHandle:
-        sender = self._sender(registration)
-        recoverer = self._recoverer
-        holder: list[ServiceHandle] = []
-        core = ServiceCore(
-            registration.id,
-            enter_down=lambda old, result, txn: recoverer.enter_down(holder[0], old, result, txn),
-            enter_recovering=lambda old: recoverer.enter_recovering(holder[0], old),
-            enter_up=lambda: recoverer.enter_up(holder[0]),
-            enter_disabled=lambda old, result, txn: recoverer.enter_disabled(
-                holder[0], old, result, txn
-            ),
-            state=state,
-        )
-        handle = ServiceHandle(registration, sender, core, service_machine(core))
-        holder.append(handle)
-        self._handles[registration.id] = handle
-        return handle
-
-    def _ready(self, service_id: str) -> None:
-        handle = self._handles.get(service_id)
-        if handle is not None:
-            self._maker.kick(handle)
-
     def stopService(self) -> Deferred[None]:
         super().stopService()  # type: ignore[no-untyped-call]
         return Deferred.fromCoroutine(self._stop())
@@ -377,20 +333,16 @@ class DeliveryService(Service):
             await self._starting
         if self._age_check is not None and self._age_check.active():
             self._age_check.cancel()
-        handles = list(self._handles.values())
-        self._recoverer.stop_all(handles)
+        self._services.halt()
         await self._sorter.stop()
-        await self._maker.stop(handles)
-        for handle in handles:  # the state writes queued, before the store closes
-            await handle.recorded()
-        for retiring in list(self._retiring.values()):
-            await retiring
+        await self._services.close()
         await self._connections.close()
         await self.store.close()
 
     # -- the public API --
 
-    def submit(self, events: Sequence[Any]) -> Deferred[list[int]]:
+    @deferred
+    async def submit(self, events: Sequence[Any]) -> list[int]:
         """
         Store a batch of events (JSON objects with a unique string ``event_id``) and fire
         with their stream positions once they are committed. Submitting an ``event_id``
@@ -399,9 +351,6 @@ class DeliveryService(Service):
         :raises InvalidEventError: (through the Deferred) if any event is not acceptable;
             nothing of the batch is stored then.
         """
-        return Deferred.fromCoroutine(self._submit(events))
-
-    async def _submit(self, events: Sequence[Any]) -> list[int]:
         if self._external_source:
             raise NotAcceptingEventsError(
                 "this delivery service reads events from its event source; submit() is off"
@@ -416,23 +365,19 @@ class DeliveryService(Service):
         self._observers.events_ingested(len(prepared))
         return ingested.stream_ids
 
-    def status(self, service_id: str) -> Deferred[ServiceStatus]:
+    @deferred
+    async def status(self, service_id: str) -> ServiceStatus:
         """What is happening with one service; see :class:`ServiceStatus`."""
-        return Deferred.fromCoroutine(self._status(service_id))
-
-    async def _status(self, service_id: str) -> ServiceStatus:
         await self._known(service_id)
         summary = await self.store.summary(service_id)
         record = (await self.store.services(service_id))[service_id]
         return self._status_of(record, summary)
 
-    def statuses(self) -> Deferred[list[ServiceStatus]]:
+    @deferred
+    async def statuses(self) -> list[ServiceStatus]:
         """Every service's status (orphaned ones included), read in one go."""
-        return Deferred.fromCoroutine(self._statuses())
-
-    async def _statuses(self) -> list[ServiceStatus]:
         await self._started()
-        for handle in list(self._handles.values()):
+        for handle in self._services:
             await handle.recorded()
         records = await self.store.services()
         summaries = await self.store.summaries()
@@ -440,7 +385,7 @@ class DeliveryService(Service):
 
     def _status_of(self, record: ServiceRecord, summary: ServiceSummary) -> ServiceStatus:
         service_id = record.service_id
-        handle = self._handles.get(service_id)
+        handle = self._services.get(service_id)
         registered = service_id in self.registrations
         now = self.clock.seconds()
         return ServiceStatus(
@@ -466,26 +411,22 @@ class DeliveryService(Service):
             last_txn_id=record.last_txn_id,
         )
 
-    def retry_now(self, service_id: str) -> Deferred[None]:
+    @deferred
+    async def retry_now(self, service_id: str) -> None:
         """End the backoff wait of a DOWN service and try it at once."""
-        return Deferred.fromCoroutine(self._retry_now(service_id))
-
-    async def _retry_now(self, service_id: str) -> None:
         await self._started()
         if service_id not in self.registrations:
             raise UnknownServiceError(service_id)
-        handle = self._handles.get(service_id)
+        handle = self._services.get(service_id)
         if handle is not None:
             self._recoverer.retry_now(handle)
 
-    def routed(self) -> Deferred[None]:
+    @deferred
+    async def routed(self) -> None:
         """
         Fires once every event submitted (or offered by the event source) before the call
         is routed into the queues of the services that want it.
         """
-        return Deferred.fromCoroutine(self._routed())
-
-    async def _routed(self) -> None:
         await self._started()
         await self._sorter.caught_up()
 
@@ -509,26 +450,20 @@ class DeliveryService(Service):
         # A changed service that keeps sending keeps its handle, loop and state: its new
         # settings apply from its next batch, and no second loop can start beside the
         # first. Only a service that starts or stops sending changes hands.
-        kept = [i for i in changed if i in self._handles and self._sends(new[i])]
-        stopping = [i for i in removed + changed if i in self._handles and i not in kept]
+        services = self._services
+        kept = [i for i in changed if i in services and services.sends(new[i])]
+        stopping = [i for i in removed + changed if i in services and i not in kept]
         starting = [new[i] for i in added + changed if i not in kept and i not in stopping]
-        for service_id in [r.id for r in starting]:
-            # A handle retired earlier may still be storing: start from what it left.
-            retiring = self._retiring.get(service_id)
-            if retiring is not None:
-                await retiring
-        starts = await self._read_starts(starting)
+        starts = await services.prepare(starting)
         # From here on nothing waits: the change is applied whole or not at all.
         self.registrations = new
         self._sorter.index = InterestIndex(new.values(), server_name=self._server_name)
-        self._pool.widen(max(r.options.max_events for r in new.values()) if new else 1)
         for service_id in kept:
-            handle = self._handles[service_id]
-            handle.registration = new[service_id]
-            handle.sender = self._sender(new[service_id])
+            services.update(new[service_id])
         for service_id in stopping:
-            self._retire(self._handles.pop(service_id))
-        self._start_handles(starting, starts)
+            services.stop(service_id)
+        for registration in starting:
+            services.start(registration, starts[registration.id])
         log.info(
             "registrations reloaded: {added} added, {changed} changed, {removed} removed",
             added=len(added),
@@ -537,34 +472,8 @@ class DeliveryService(Service):
         )
         return ReloadResult(tuple(added), tuple(changed), tuple(removed))
 
-    def _sends(self, registration: Registration) -> bool:
-        """Whether anything is sent to this service (it has a URL or a sender of its own)."""
-        return registration.url is not None or registration.id in self._senders
-
-    def _retire(self, handle: ServiceHandle) -> None:
-        """
-        Stop sending to a service; what it has stored stays in the database. Its loop may
-        be storing a transaction still: the service is known to have stopped (and its
-        window of the pool is forgotten) only once that loop has ended.
-        """
-        handle.retired = True
-        self._recoverer.stop([handle])
-        if handle.in_flight is not None:
-            handle.in_flight.cancel()
-        retiring = Deferred.fromCoroutine(self._wind_down(handle))
-        if not retiring.called:
-            self._retiring[handle.id] = retiring
-
-    async def _wind_down(self, handle: ServiceHandle) -> None:
-        try:
-            if handle.loop is not None:
-                await handle.loop
-            await handle.recorded()
-            self._pool.reset(handle.id)
-        finally:
-            self._retiring.pop(handle.id, None)
-
-    def purge(self, service_id: str) -> Deferred[PurgeResult]:
+    @deferred
+    async def purge(self, service_id: str) -> PurgeResult:
         """
         Delete the queue and stored transactions of an orphaned service (one removed from
         the registrations), and its record.
@@ -572,9 +481,6 @@ class DeliveryService(Service):
         :raises UnknownServiceError: if the database knows no such service.
         :raises ServiceRegisteredError: if it is still registered.
         """
-        return Deferred.fromCoroutine(self._purge(service_id))
-
-    async def _purge(self, service_id: str) -> PurgeResult:
         await self._started()
         if service_id in self.registrations:
             raise ServiceRegisteredError(service_id)
@@ -590,23 +496,17 @@ class DeliveryService(Service):
         )
         return PurgeResult(events, transactions)
 
-    def transactions(
+    @deferred
+    async def transactions(
         self, service_id: str, after: int = 0, limit: int = 100
-    ) -> Deferred[list[StoredTransaction]]:
-        """The stored (unacknowledged) transactions of a service, oldest first."""
-        return Deferred.fromCoroutine(self._transactions(service_id, after, limit))
-
-    async def _transactions(
-        self, service_id: str, after: int, limit: int
     ) -> list[StoredTransaction]:
+        """The stored (unacknowledged) transactions of a service, oldest first."""
         await self._known(service_id)
         return await self.store.transactions(service_id, after, limit)
 
-    def knows(self, service_id: str) -> Deferred[bool]:
+    @deferred
+    async def knows(self, service_id: str) -> bool:
         """Whether the service is registered, or orphaned with data still stored."""
-        return Deferred.fromCoroutine(self._knows(service_id))
-
-    async def _knows(self, service_id: str) -> bool:
         await self._started()
         return service_id in self.registrations or bool(await self.store.services(service_id))
 
@@ -615,60 +515,52 @@ class DeliveryService(Service):
         await self._started()
         if service_id not in self.registrations and not await self.store.services(service_id):
             raise UnknownServiceError(service_id)
-        handle = self._handles.get(service_id)
+        handle = self._services.get(service_id)
         if handle is not None:
             await handle.recorded()
 
     def state_of(self, service_id: str) -> str:
         """The state of a service as known in memory: ``orphaned`` if not registered."""
-        handle = self._handles.get(service_id)
+        handle = self._services.get(service_id)
         if handle is not None:
             return str(handle.state)
         return str(State.UP) if service_id in self.registrations else ORPHANED
 
-    def enable(self, service_id: str) -> Deferred[None]:
+    @deferred
+    async def enable(self, service_id: str) -> None:
         """Send to a service disabled by its receiver (HTTP 410) again."""
-        return Deferred.fromCoroutine(self._enable(service_id))
-
-    async def _enable(self, service_id: str) -> None:
         await self._started()
         if service_id not in self.registrations:
             raise UnknownServiceError(service_id)
-        handle = self._handles.get(service_id)
+        handle = self._services.get(service_id)
         if handle is not None:
             self._recoverer.enable(handle)
 
-    def dead_letters(
+    @deferred
+    async def dead_letters(
         self, service_id: str, after: int = 0, limit: int = 100
-    ) -> Deferred[list[DeadLetter]]:
+    ) -> list[DeadLetter]:
         """Events the service refused on their own, set aside, oldest first."""
-        return Deferred.fromCoroutine(self._dead_letters(service_id, after, limit))
-
-    async def _dead_letters(self, service_id: str, after: int, limit: int) -> list[DeadLetter]:
         await self._known(service_id)
         return await self.store.dead_letters(service_id, after, limit)
 
-    def redrive(self, service_id: str, ids: Sequence[int] | None = None) -> Deferred[int]:
+    @deferred
+    async def redrive(self, service_id: str, ids: Sequence[int] | None = None) -> int:
         """
         Send dead letters (all, or those with these ids) again: they go back in the queue
         and are delivered in their original order, before newer events. How many.
         """
-        return Deferred.fromCoroutine(self._redrive(service_id, ids))
-
-    async def _redrive(self, service_id: str, ids: Sequence[int] | None) -> int:
         await self._known(service_id)
         count = await self.store.redrive(service_id, ids)
         if count:
             log.info("{service}: {count} dead letter(s) redriven", service=service_id, count=count)
             self._pool.rewind(service_id)
-            self._ready(service_id)
+            self._services.ready(service_id)
         return count
 
-    def discard(self, service_id: str, ids: Sequence[int] | None = None) -> Deferred[int]:
+    @deferred
+    async def discard(self, service_id: str, ids: Sequence[int] | None = None) -> int:
         """Delete dead letters (all, or those with these ids) for good. How many."""
-        return Deferred.fromCoroutine(self._discard(service_id, ids))
-
-    async def _discard(self, service_id: str, ids: Sequence[int] | None) -> int:
         await self._known(service_id)
         count = await self.store.discard(service_id, ids)
         log.info("{service}: {count} dead letter(s) discarded", service=service_id, count=count)
