@@ -13,6 +13,8 @@ from .errors import (
     InvalidEventError,
     InvalidRegistrationError,
     InvalidStoreURLError,
+    NotAcceptingEventsError,
+    ServiceRegisteredError,
     StoreConfigurationError,
     StoreLockedError,
     StoreUnavailableError,
@@ -23,20 +25,16 @@ from .interest import RoutingFields
 from .records import (
     DeadLetter,
     Ingested,
+    PurgeResult,
     QueuedEvent,
+    ReloadResult,
     ServiceRecord,
+    ServiceStatus,
     ServiceSummary,
     StoredTransaction,
 )
 from .registration import DeliveryOptions, Namespace, Registration
-from .service import (
-    DeliveryService,
-    NotAcceptingEventsError,
-    PurgeResult,
-    ReloadResult,
-    ServiceRegisteredError,
-    ServiceStatus,
-)
+from .service import DeliveryService
 from .store import SchemaTooNewError
 
 __all__ = [

@@ -35,13 +35,14 @@ from ._log import Logger
 from .errors import (
     DeliveryError,
     InvalidEventError,
+    ServiceRegisteredError,
     StoreUnavailableError,
     UnknownServiceError,
 )
 from .events import shorten
 from .metrics import Metrics
-from .records import DeadLetter, StoredTransaction
-from .service import DeliveryService, ReloadResult, ServiceRegisteredError, ServiceStatus
+from .records import DeadLetter, ReloadResult, ServiceStatus, StoredTransaction
+from .service import DeliveryService
 
 log = Logger()
 T = TypeVar("T")

@@ -34,7 +34,8 @@ from .api import Api, Connections, LimitedRequest, Limits, Tokens, make_site
 from .config import Config, check
 from .errors import DeliveryError
 from .metrics import Metrics
-from .service import DeliveryService, ReloadResult
+from .records import ReloadResult
+from .service import DeliveryService
 from .store import open_store, redact_url
 
 log = Logger()

@@ -69,3 +69,18 @@ class StoreConfigurationError(DeliveryError):
     database, a wrong password, a file that cannot be opened): the message names what to
     fix. Unlike :class:`StoreUnavailableError`, it is not retried.
     """
+
+
+class ServiceRegisteredError(DeliveryError):
+    """Only an orphaned service (removed from the registrations) can be purged."""
+
+    def __init__(self, service_id: str) -> None:
+        self.service_id = service_id
+        super().__init__(
+            f"service {service_id!r} is registered: remove it from the registrations (and"
+            " reload) before purging its data"
+        )
+
+
+class NotAcceptingEventsError(DeliveryError):
+    """``submit()`` on a service that reads its events from an outside source."""

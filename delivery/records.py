@@ -1,4 +1,4 @@
-"""Values the store reads and writes."""
+"""Values the store reads and writes, and those the public API answers with."""
 
 from __future__ import annotations
 
@@ -87,3 +87,45 @@ class DeadLetter:
     status: int | None
     answer: str | None
     created_ts: float
+
+
+@attrs.frozen
+class ServiceStatus:
+    """What :meth:`DeliveryService.status` reports about one application service."""
+
+    service_id: str
+    #: ``up``, ``down`` or ``recovering``
+    state: str
+    #: events routed to the service and not yet in a transaction
+    queued_events: int
+    #: transactions stored and not yet acknowledged by the receiver
+    stored_transactions: int
+    #: seconds since the oldest event still pending for the service arrived
+    oldest_pending_age: float | None
+    #: clock time of the last acknowledged transaction
+    last_success: float | None
+    #: why the last attempt failed (None once the service is UP again)
+    last_error: str | None
+    #: failed attempts in a row
+    failure_count: int
+    #: clock time of the next attempt, while DOWN
+    next_retry: float | None
+    #: the highest transaction id given out so far
+    last_txn_id: int
+
+
+@attrs.frozen
+class ReloadResult:
+    """The service ids a :meth:`DeliveryService.reload` added, changed and removed."""
+
+    added: tuple[str, ...]
+    changed: tuple[str, ...]
+    removed: tuple[str, ...]
+
+
+@attrs.frozen
+class PurgeResult:
+    """What :meth:`DeliveryService.purge` deleted."""
+
+    queued_events: int
+    stored_transactions: int

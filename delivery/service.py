@@ -10,7 +10,6 @@ import random
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, ParamSpec, TypeVar
 
-import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -23,12 +22,26 @@ from ._log import Logger
 from ._observers import Observers
 from ._services import Services
 from ._state import State
-from .errors import DeliveryError, StoreUnavailableError, UnknownServiceError
+from .errors import (
+    DeliveryError,
+    NotAcceptingEventsError,
+    ServiceRegisteredError,
+    StoreUnavailableError,
+    UnknownServiceError,
+)
 from .events import DEFAULT_MAX_EVENT_BYTES, prepare
 from .interest import InterestIndex
 from .matrix import ConnectionPool
 from .pool import DEFAULT_WINDOW, EventPool
-from .records import DeadLetter, ServiceRecord, ServiceSummary, StoredTransaction
+from .records import (
+    DeadLetter,
+    PurgeResult,
+    ReloadResult,
+    ServiceRecord,
+    ServiceStatus,
+    ServiceSummary,
+    StoredTransaction,
+)
 from .recoverer import Recoverer
 from .registration import Registration
 from .sorter import AliasLookup, EventSorter
@@ -49,31 +62,6 @@ def deferred(f: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Deferred[T]]
     return run
 
 
-@attrs.frozen
-class ServiceStatus:
-    """What :meth:`DeliveryService.status` reports about one application service."""
-
-    service_id: str
-    #: ``up``, ``down`` or ``recovering``
-    state: str
-    #: events routed to the service and not yet in a transaction
-    queued_events: int
-    #: transactions stored and not yet acknowledged by the receiver
-    stored_transactions: int
-    #: seconds since the oldest event still pending for the service arrived
-    oldest_pending_age: float | None
-    #: clock time of the last acknowledged transaction
-    last_success: float | None
-    #: why the last attempt failed (None once the service is UP again)
-    last_error: str | None
-    #: failed attempts in a row
-    failure_count: int
-    #: clock time of the next attempt, while DOWN
-    next_retry: float | None
-    #: the highest transaction id given out so far
-    last_txn_id: int
-
-
 #: seconds between checks of pending ages against ``max_pending_age``
 AGE_CHECK_INTERVAL = 60.0
 
@@ -84,34 +72,6 @@ START_BACKOFF = BackoffPolicy(initial_delay=0.5, max_delay=5.0, jitter=0.0)
 ORPHANED = "orphaned"
 
 
-@attrs.frozen
-class ReloadResult:
-    """The service ids a :meth:`DeliveryService.reload` added, changed and removed."""
-
-    added: tuple[str, ...]
-    changed: tuple[str, ...]
-    removed: tuple[str, ...]
-
-
-@attrs.frozen
-class PurgeResult:
-    """What :meth:`DeliveryService.purge` deleted."""
-
-    queued_events: int
-    stored_transactions: int
-
-
-class ServiceRegisteredError(DeliveryError):
-    """Only an orphaned service (removed from the registrations) can be purged."""
-
-    def __init__(self, service_id: str) -> None:
-        self.service_id = service_id
-        super().__init__(
-            f"service {service_id!r} is registered: remove it from the registrations (and"
-            " reload) before purging its data"
-        )
-
-
 def _by_id(registrations: Iterable[Registration]) -> dict[str, Registration]:
     found: dict[str, Registration] = {}
     for registration in registrations:
@@ -119,10 +79,6 @@ def _by_id(registrations: Iterable[Registration]) -> dict[str, Registration]:
             raise ValueError(f"two registrations have the id {registration.id!r}")
         found[registration.id] = registration
     return found
-
-
-class NotAcceptingEventsError(DeliveryError):
-    """``submit()`` on a service that reads its events from an outside source."""
 
 
 class DeliveryService(Service):
