@@ -6,17 +6,14 @@ Only ``/health`` answers without a token. ``docs/openapi.yaml`` describes all of
 
 A request is judged on its headers before its body is read (``Api.screen``: the route,
 the method, one ``Authorization`` header with the route's token, ``Content-Type:
-application/json`` on a body): whatever fails there is answered at once and the
-connection closed, so a client without a token never makes the daemon store a byte of
-its body. The site (:func:`make_site`) also caps the open connections and gives a body a
-deadline once its headers are in. Bodies are UTF-8 JSON, with no key twice in an object.
-An error quotes at most a short prefix of what it refuses.
+application/json`` on a body); the site (:func:`make_site`, from ``_http``) answers what
+fails there at once and closes the connection, caps the open connections and gives a
+body a deadline. Bodies are UTF-8 JSON, with no key twice in an object. An error quotes
+at most a short prefix of what it refuses.
 """
 
 from __future__ import annotations
 
-import codecs
-import hmac
 import io
 import json
 import re
@@ -26,11 +23,20 @@ from urllib.parse import unquote
 
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.python.failure import Failure
-from twisted.web import http, resource, server
+from twisted.internet.interfaces import IReactorTime
+from twisted.web import resource, server
 from twisted.web.http_headers import Headers
 
+from ._http import (
+    JSON_TYPE,
+    ApiError,
+    ApiSite,
+    Connections,
+    authorize,
+    dumps,
+    parse_json,
+    require_json,
+)
 from ._log import Logger
 from .errors import (
     DeliveryError,
@@ -47,26 +53,10 @@ from .service import DeliveryService
 log = Logger()
 T = TypeVar("T")
 
-JSON_TYPE = b"application/json"
 _DIGITS = re.compile(r"[0-9]{1,19}")
 #: the most dead letters one request names
 MAX_IDS = 1000
 METRICS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
-#: how a body may be labelled: application/json, with at most a charset of utf-8
-_CHARSET = re.compile(rb'\s*charset\s*=\s*("?)utf-8\1\s*', re.IGNORECASE)
-
-
-class ApiError(Exception):
-    """An answer other than success: the status, the Matrix errcode, and what went wrong."""
-
-    def __init__(
-        self, status: int, errcode: str, error: str, headers: dict[str, str] | None = None
-    ) -> None:
-        super().__init__(error)
-        self.status = status
-        self.errcode = errcode
-        self.error = error
-        self.headers = headers or {}
 
 
 @attrs.frozen
@@ -80,174 +70,20 @@ class Limits:
 
 
 @attrs.frozen
-class Connections:
-    """What the site allows a connection."""
-
-    #: open connections at once; one more is answered 503 and closed
-    max_connections: int = 512
-    #: seconds a body may take to arrive once its headers are in
-    body_timeout: float = 30.0
-    #: seconds a connection may sit idle
-    idle_timeout: float = 60.0
-
-
-@attrs.frozen
 class Tokens:
     ingest: str = attrs.field(repr=False)
     admin: str = attrs.field(repr=False)
     metrics: str = attrs.field(repr=False)
 
 
-class LimitedRequest(server.Request):
-    """A request whose body is dropped, not buffered, once it is larger than allowed."""
-
-    max_body = 10 * 1024 * 1024
-    too_large = False
-    _received = 0
-
-    def gotLength(self, length: int | None) -> None:
-        if length is not None and length > self.max_body:
-            self.too_large = True
-            self.content = io.BytesIO()
-        else:
-            super().gotLength(length)  # type: ignore[no-untyped-call]
-
-    def handleContentChunk(self, data: bytes) -> None:
-        if self.too_large:
-            return
-        self._received += len(data)
-        if self._received > self.max_body:
-            self.too_large = True
-            self.content = io.BytesIO()
-            return
-        super().handleContentChunk(data)  # type: ignore[no-untyped-call]
-
-
-class _Channel(http.HTTPChannel):
-    """
-    One connection of an :class:`ApiSite`. A request that :meth:`Api.screen` refuses on
-    its headers, a connection over the cap and a body past its deadline are answered at
-    once (``HTTPChannel`` would read the body first) and the connection is closed; a
-    refused connection reads nothing more.
-    """
-
-    site: ApiSite
-    _refused = False
-    _body_deadline: IDelayedCall | None = None
-
-    def connectionMade(self) -> None:
-        super().connectionMade()  # type: ignore[no-untyped-call]
-        self.site.open_connections += 1
-        cap = self.site.connections.max_connections
-        if self.site.open_connections > cap:
-            self._refuse(
-                ApiError(
-                    503,
-                    "M_UNAVAILABLE",
-                    f"more than {cap} connections are open; retry shortly",
-                    {"Retry-After": "1"},
-                )
-            )
-
-    def allHeadersReceived(self) -> None:
-        # Before the body (and before "100 Continue" would invite it).
-        try:
-            self.site.api.screen(
-                self._command, self._path, self.requests[-1].requestHeaders, self.length != 0
-            )
-        except ApiError as e:
-            self._refuse(e)
-            return
-        super().allHeadersReceived()  # type: ignore[no-untyped-call]
-        if self.length != 0:
-            self._body_deadline = self.callLater(  # type: ignore[no-untyped-call]
-                self.site.connections.body_timeout, self._body_too_slow
-            )
-
-    def _body_too_slow(self) -> None:
-        self._body_deadline = None
-        timeout = self.site.connections.body_timeout
-        self._refuse(
-            ApiError(408, "M_UNKNOWN", f"the request body did not arrive within {timeout:g} s")
-        )
-
-    def rawDataReceived(self, data: bytes) -> None:
-        if not self._refused:
-            super().rawDataReceived(data)
-
-    def allContentReceived(self) -> None:
-        self._cancel_deadline()
-        if not self._refused:
-            super().allContentReceived()  # type: ignore[no-untyped-call]
-
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        self._cancel_deadline()
-        self.site.open_connections -= 1
-        super().connectionLost(reason)  # type: ignore[no-untyped-call]
-
-    def _cancel_deadline(self) -> None:
-        deadline, self._body_deadline = self._body_deadline, None
-        if deadline is not None and deadline.active():
-            deadline.cancel()
-
-    def _refuse(self, error: ApiError) -> None:
-        """Answer ``error`` and close, reading nothing more of this connection."""
-        self._refused = True
-        self._cancel_deadline()
-        assert self.transport is not None
-        body = _error_json(error.errcode, error.error)
-        reason = http.RESPONSES.get(error.status, b"Error")
-        head = [
-            b"HTTP/1.1 %d %s" % (error.status, reason),
-            b"Content-Type: " + JSON_TYPE,
-            b"Content-Length: %d" % len(body),
-            b"Connection: close",
-            *(f"{name}: {value}".encode("latin-1") for name, value in error.headers.items()),
-        ]
-        self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
-        self.loseConnection()  # type: ignore[no-untyped-call]
-
-
-class ApiSite(server.Site):
-    """
-    The API's site: counts its open connections and hands every request to the Api's
-    :meth:`Api.screen` as soon as its headers are in (see :class:`_Channel`).
-    """
-
-    protocol = _Channel  # type: ignore[assignment]  # plain HTTP/1.1 (HTTP/2 needs TLS)
-
-    def __init__(
-        self, api: Api, max_body: int, connections: Connections, reactor: IReactorTime | None
-    ) -> None:
-        class Request(LimitedRequest):
-            pass
-
-        Request.max_body = max_body
-        # Bodies are JSON: no form parsing by twisted.web (it answers malformed forms itself).
-        super().__init__(  # type: ignore[no-untyped-call]
-            api,
-            requestFactory=Request,
-            timeout=connections.idle_timeout,
-            reactor=reactor,
-            parsePOSTFormSubmission=False,
-        )
-        self.api = api
-        self.connections = connections
-        self.open_connections = 0
-        self.noisy = False
-
-    def log(self, request: http.Request) -> None:
-        """No access log: one line per request is noise."""
-
-
 def make_site(
     api: Api,
     max_body: int,
-    connections: Connections = Connections(),
+    connections: Connections | None = None,
     reactor: IReactorTime | None = None,
 ) -> ApiSite:
     """A site for the API: body size limit, connection cap, timeouts, no access log."""
-    return ApiSite(api, max_body, connections, reactor)
+    return ApiSite(api, api.screen, max_body, connections or Connections(), reactor)
 
 
 Handler = Callable[..., Awaitable[tuple[int, Any]]]
@@ -356,7 +192,7 @@ class Api(resource.Resource):
             request.write(body)
         else:
             request.setHeader(b"Content-Type", JSON_TYPE)
-            request.write(_dumps(body))
+            request.write(dumps(body))
         request.finish()
 
     async def _dispatch(self, request: server.Request) -> tuple[int, Any]:
@@ -394,9 +230,9 @@ class Api(resource.Resource):
             )
         route, match = chosen[0]
         if route.token is not None:
-            _authorize(headers, getattr(self.tokens, route.token))
+            authorize(headers, getattr(self.tokens, route.token))
         if route.body and has_body:
-            _require_json(headers)
+            require_json(headers)
         return route, match
 
     @staticmethod
@@ -597,101 +433,6 @@ class Api(resource.Resource):
         if self.metrics is None:
             raise ApiError(404, "M_UNRECOGNIZED", "metrics are not enabled")
         return 200, await self.metrics.render(self.delivery)
-
-
-def _authorize(headers: Headers, expected: str) -> None:
-    """Refuse a request without exactly one ``Authorization: Bearer <expected>``."""
-    given_headers = headers.getRawHeaders(b"Authorization") or []
-    if len(given_headers) > 1:
-        raise ApiError(
-            400,
-            "M_INVALID_PARAM",
-            f"{len(given_headers)} Authorization headers; send one: Authorization: Bearer <token>",
-        )
-    scheme, _, given = (given_headers[0] if given_headers else b"").partition(b" ")
-    if scheme.lower() != b"bearer" or not given.strip():
-        raise ApiError(401, "M_MISSING_TOKEN", "send Authorization: Bearer <token>")
-    if not hmac.compare_digest(given.strip(), expected.encode()):
-        raise ApiError(401, "M_UNKNOWN_TOKEN", "the token is not valid for this endpoint")
-
-
-def _require_json(headers: Headers) -> None:
-    """Refuse a body not labelled ``application/json`` (with, at most, charset utf-8)."""
-    labels = headers.getRawHeaders(b"Content-Type") or []
-    media, *parameters = labels[0].split(b";") if len(labels) == 1 else [b""]
-    if media.strip().lower() != JSON_TYPE or not all(_CHARSET.fullmatch(p) for p in parameters):
-        given = ", ".join(label.decode("latin-1") for label in labels) or "none"
-        raise ApiError(
-            415,
-            "M_UNRECOGNIZED",
-            f"send the body as Content-Type: application/json (UTF-8), not {shorten(given)}",
-        )
-
-
-class _DuplicateKey(ValueError):
-    pass
-
-
-def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """An object's pairs as a dict; refused if a key comes twice (the dict is shorter)."""
-    value = dict(pairs)
-    if len(value) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise _DuplicateKey(key)
-            seen.add(key)
-    return value
-
-
-def _no_constants(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
-
-
-_decoder = json.JSONDecoder(object_pairs_hook=_unique, parse_constant=_no_constants)
-#: byte order marks of UTF-16 (and so of UTF-32, which start alike)
-_WIDE_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
-
-
-def parse_json(raw: bytes) -> Any:
-    """
-    A request body as JSON: UTF-8 without a byte order mark, no constant JSON does not
-    have (NaN, Infinity), no key twice in one object.
-
-    :raises ApiError: 400 ``M_NOT_JSON``, or ``M_BAD_JSON`` for a duplicate key.
-    """
-    if raw.startswith(codecs.BOM_UTF8):
-        raise ApiError(
-            400, "M_NOT_JSON", "the body starts with a byte order mark: send UTF-8 without one"
-        )
-    # Without a mark, UTF-16 or UTF-32 JSON has a zero byte in its first four (UTF-8 JSON
-    # has none at all).
-    if raw.startswith(_WIDE_BOMS) or b"\x00" in raw[:4]:
-        raise ApiError(400, "M_NOT_JSON", "the body is UTF-16 or UTF-32: send UTF-8")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ApiError(
-            400, "M_NOT_JSON", f"the body is not UTF-8 ({e.reason} at byte {e.start})"
-        ) from None
-    try:
-        return _decoder.decode(text)
-    except _DuplicateKey as e:
-        raise ApiError(
-            400,
-            "M_BAD_JSON",
-            f"the key {shorten(json.dumps(e.args[0]))} is given twice in an object",
-        ) from None
-    except (ValueError, RecursionError) as e:
-        raise ApiError(400, "M_NOT_JSON", f"the body is not valid JSON: {e}") from None
-
-
-def _dumps(body: Any) -> bytes:
-    return json.dumps(body, separators=(",", ":")).encode()
-
-
-def _error_json(errcode: str, error: str) -> bytes:
-    return _dumps({"errcode": errcode, "error": error})
 
 
 def status_json(status: ServiceStatus) -> dict[str, Any]:

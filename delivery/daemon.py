@@ -29,8 +29,9 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.web import server
 
+from ._http import Connections, LimitedRequest
 from ._log import Logger, set_level
-from .api import Api, Connections, LimitedRequest, Limits, Tokens, make_site
+from .api import Api, Limits, Tokens, make_site
 from .config import Config, check
 from .errors import DeliveryError
 from .metrics import Metrics

@@ -18,7 +18,8 @@ import treq
 from twisted.internet import protocol, task
 from twisted.internet.defer import Deferred
 
-from delivery.api import Api, Connections, Tokens, make_site
+from delivery._http import Connections
+from delivery.api import Api, Tokens, make_site
 from delivery.events import QUOTED
 from delivery.service import DeliveryService
 from delivery.store import open_store
