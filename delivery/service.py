@@ -131,8 +131,8 @@ class DeliveryService(Service):
         self._external_source = event_source is not None
         self._observers = Observers()
         self._connections = ConnectionPool(reactor)
-        window = max([pool_window, *(r.options.max_events for r in self.registrations.values())])
-        self._pool = EventPool(store, window)
+        # (each service widens it to its max_events as it starts: Services.start)
+        self._pool = EventPool(store, pool_window)
         self._maker = TransactionMaker(store, self._pool, self.clock, self._observers)
         self._rng = rng if rng is not None else random.Random()
         self._recoverer = Recoverer(store, self._maker.kick, self.clock, self._observers, self._rng)

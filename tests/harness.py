@@ -75,3 +75,14 @@ def make_service(
     recorder = Recorder()
     service.observe(recorder)
     return service, recorder, clock
+
+
+def started(db_url: str, reactor: Any, registrations: list[Registration], **kwargs: Any) -> Any:
+    """A service on ``db_url`` (a new store), started: ``(service, recorder, clock)``."""
+    from delivery.store import open_store
+
+    service, recorder, clock = make_service(
+        open_store(db_url, reactor), registrations, reactor, **kwargs
+    )
+    service.startService()
+    return service, recorder, clock

@@ -16,15 +16,9 @@ from delivery.events import prepare
 from delivery.matrix import ConnectionPool, MatrixSender
 from delivery.store import open_store
 
-from .harness import event, make_service, registration, txn_id, txn_ids
+from .harness import event, make_service, registration, started, txn_id, txn_ids
 from .receiver import start_receiver, stop_receiver
 from .waiting import Conditions
-
-
-def started(db_url: str, reactor: Any, regs: list[Any], **kwargs: Any) -> Any:
-    service, recorder, clock = make_service(open_store(db_url, reactor), regs, reactor, **kwargs)
-    service.startService()
-    return service, recorder, clock
 
 
 @pytest_twisted.ensureDeferred

@@ -12,15 +12,7 @@ import pytest_twisted
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from zope.interface import provider
 
-from delivery.store import open_store
-
-from .harness import event, make_service, registration
-
-
-def started(db_url: str, reactor: Any, regs: list[Any]) -> Any:
-    service, recorder, clock = make_service(open_store(db_url, reactor), regs, reactor)
-    service.startService()
-    return service, recorder, clock
+from .harness import event, registration, started
 
 
 @pytest.fixture
