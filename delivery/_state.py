@@ -10,8 +10,11 @@ The state of one application service, as an automat machine.
     UP, RECOVERING ──disable (HTTP 410)──▶ DISABLED ──enable (an operator)──▶ RECOVERING
 
 UP: the TransactionMaker cuts and sends as events arrive. DOWN: nothing is sent; the
-Recoverer waits (backoff, probes). RECOVERING: the Recoverer resends the stored
-transactions, oldest first, then full batches, then declares the service caught up.
+Recoverer waits (backoff, probes). The wait (its retry timer, its probe timer, the probe in
+flight) is the data of the DOWN state: made on entering it, cancelled by every transition
+that leaves it, and by ``halt`` when the service stops being delivered here. RECOVERING: the
+TransactionMaker resends the stored transactions, oldest first, then full batches, then
+declares the service caught up.
 DISABLED: the receiver said it is gone; events keep queueing, nothing is sent, until an
 operator enables the service again.
 """
@@ -57,13 +60,40 @@ class ServiceMachine(Protocol):
     def enable(self) -> None:
         """An operator wants a disabled service sent to again."""
 
+    def halt(self) -> None:
+        """The service stops being delivered here: a DOWN service's wait is cancelled."""
+
+
+@attrs.define(eq=False)
+class Wait:
+    """The data of the DOWN state: what the service waits on until it is retried."""
+
+    #: when the wait ends by itself (None: it is not timed)
+    until: float | None = None
+    retry_call: IDelayedCall | None = None
+    probe_call: IDelayedCall | None = None
+    probing: Deferred[SendResult] | None = None
+    #: the service has left DOWN (or was halted): nothing of this wait may act any more
+    over: bool = False
+
+    def cancel(self) -> None:
+        self.over = True
+        for call in (self.retry_call, self.probe_call):
+            if call is not None and call.active():
+                call.cancel()
+        self.retry_call = self.probe_call = None
+        if self.probing is not None:
+            probing, self.probing = self.probing, None
+            probing.cancel()
+
 
 class StateEffects(Protocol):
     """What happens on entering each state (the Recoverer): timers, records, the log."""
 
     def enter_down(
         self, handle: ServiceHandle, old: State, result: SendResult, txn: StoredTransaction | None
-    ) -> None: ...
+    ) -> Wait:
+        """Record the failure and start waiting: the wait returned is the DOWN state's."""
 
     def enter_recovering(self, handle: ServiceHandle, old: State) -> None: ...
 
@@ -89,6 +119,7 @@ class ServiceHandle:
     #: failed attempts in a row (0 when UP)
     failure_count: int = 0
     last_error: str | None = None
+    #: when a DOWN service is retried next, as reported (the timer is its Wait's)
     next_retry_ts: float | None = None
     #: the one loop that sends for this service, while it runs
     loop: Deferred[None] | None = None
@@ -100,9 +131,6 @@ class ServiceHandle:
     replayed: bool = False
     #: events arrived since the loop last looked
     wanted: bool = False
-    retry_call: IDelayedCall | None = None
-    probe_call: IDelayedCall | None = None
-    probing: Deferred[SendResult] | None = None
     #: while a retry that a probe started runs: when the wait it cut short would have
     #: ended (if the retry fails, the service waits until then, without probing)
     interrupted_until: float | None = None
@@ -114,7 +142,12 @@ class ServiceHandle:
     persisting: Deferred[None] | None = None
 
     def __attrs_post_init__(self) -> None:
-        self.machine = _Machine(self, _STATES[self.state])
+        if self.state is State.DOWN:
+            # Built DOWN (transactions are stored): not waiting on anything yet; it is
+            # resumed at once, or halted.
+            self.machine = _Machine(self, _down, lambda machine, handle: Wait())
+        else:
+            self.machine = _Machine(self, _STATES[self.state])
 
     @property
     def id(self) -> str:
@@ -129,29 +162,37 @@ class ServiceHandle:
                 break
 
 
-_builder = TypeMachineBuilder(ServiceMachine, ServiceHandle)
-_up = _builder.state("up")
-_down = _builder.state("down")
-_recovering = _builder.state("recovering")
-_disabled = _builder.state("disabled")
-
-
-@_up.upon(ServiceMachine.failed).to(_down)
-@_recovering.upon(ServiceMachine.failed).to(_down)
-def _fail(
+def _wait(
     machine: ServiceMachine,
     handle: ServiceHandle,
     result: SendResult,
     txn: StoredTransaction | None,
-) -> None:
+) -> Wait:
+    """Entering DOWN: the effects start the wait, which the state keeps."""
     old, handle.state = handle.state, State.DOWN
-    handle.effects.enter_down(handle, old, result, txn)
+    return handle.effects.enter_down(handle, old, result, txn)
+
+
+_builder = TypeMachineBuilder(ServiceMachine, ServiceHandle)
+_up = _builder.state("up")
+_down = _builder.state("down", _wait)
+_recovering = _builder.state("recovering")
+_disabled = _builder.state("disabled")
+
+_up.upon(ServiceMachine.failed).to(_down).returns(None)
+_recovering.upon(ServiceMachine.failed).to(_down).returns(None)
 
 
 @_down.upon(ServiceMachine.retry).to(_recovering)
-def _retry(machine: ServiceMachine, handle: ServiceHandle) -> None:
+def _retry(machine: ServiceMachine, handle: ServiceHandle, wait: Wait) -> None:
+    wait.cancel()
     handle.state = State.RECOVERING
     handle.effects.enter_recovering(handle, State.DOWN)
+
+
+@_down.upon(ServiceMachine.halt).loop()
+def _halt(machine: ServiceMachine, handle: ServiceHandle, wait: Wait) -> None:
+    wait.cancel()
 
 
 @_recovering.upon(ServiceMachine.caught_up).to(_up)
@@ -180,13 +221,14 @@ def _enable(machine: ServiceMachine, handle: ServiceHandle) -> None:
 # that is not disabled changes nothing.
 for _s in (_up, _recovering, _disabled):
     _s.upon(ServiceMachine.retry).loop().returns(None)
-for _s in (_up, _down, _recovering):
-    _s.upon(ServiceMachine.enable).loop().returns(None)
+for _s in (_up, _recovering, _disabled):
+    _s.upon(ServiceMachine.halt).loop().returns(None)
+for _any in (_up, _down, _recovering):
+    _any.upon(ServiceMachine.enable).loop().returns(None)
 
 _Machine = _builder.build()
 _STATES = {
     State.UP: _up,
-    State.DOWN: _down,
     State.RECOVERING: _recovering,
     State.DISABLED: _disabled,
 }

@@ -21,7 +21,7 @@ from ._backoff import BackoffPolicy
 from ._interfaces import IStore, SendResult
 from ._log import Logger
 from ._observers import Observers
-from ._state import ServiceHandle, State
+from ._state import ServiceHandle, State, Wait
 from .errors import StoreUnavailableError
 from .records import StoredTransaction
 
@@ -69,7 +69,7 @@ class Recoverer:
 
     def enter_down(
         self, handle: ServiceHandle, old: State, result: SendResult, txn: StoredTransaction | None
-    ) -> None:
+    ) -> Wait:
         options = handle.registration.options
         now = self._clock.seconds()
         handle.failure_count += 1
@@ -81,7 +81,8 @@ class Recoverer:
         probe = options.probe and txn is not None and resume is None
         if resume is not None:
             delay = max(resume - now, 0.0)
-        handle.next_retry_ts = now + delay
+        wait = Wait(until=now + delay)
+        handle.next_retry_ts = wait.until
         self._log_down(handle, old, result, delay, now)
         self._persist(handle, State.DOWN)
         if txn is not None:
@@ -93,16 +94,18 @@ class Recoverer:
                 ),
             )
         if not (self._stopped or handle.retired):
-            handle.retry_call = self._clock.callLater(delay, self._wait_over, handle)
+            wait.retry_call = self._clock.callLater(delay, self._wait_over, handle, wait)
             # Probe only a receiver that failed (a transaction was sent): that it answers
             # says nothing of the database or the bug that failed otherwise, and ending
             # the wait at every probe would retry those without backoff.
             if probe and options.probe_interval < delay:
-                handle.probe_call = self._clock.callLater(
-                    options.probe_interval, self._probe, handle
+                wait.probe_call = self._clock.callLater(
+                    options.probe_interval, self._probe, handle, wait
                 )
-        # Observers last: they may run arbitrary code that expects the new state complete.
+        # Observers last: they may run arbitrary code that expects the new state complete
+        # (what they ask of the machine runs once this transition is over).
         self._observers.state_changed(handle.id, str(old), str(State.DOWN), result.error)
+        return wait
 
     def _log_down(
         self, handle: ServiceHandle, old: State, result: SendResult, delay: float, now: float
@@ -135,7 +138,6 @@ class Recoverer:
             )
 
     def enter_recovering(self, handle: ServiceHandle, old: State) -> None:
-        self._cancel_timers(handle)
         handle.next_retry_ts = None
         handle.replayed = False
         log.debug("{service} is RECOVERING: resending stored transactions", service=handle.id)
@@ -203,19 +205,19 @@ class Recoverer:
         handle.machine.retry()
         self._resume(handle)
 
-    def _wait_over(self, handle: ServiceHandle) -> None:
-        handle.retry_call = None
-        if handle.state is State.DOWN:
+    def _wait_over(self, handle: ServiceHandle, wait: Wait) -> None:
+        wait.retry_call = None
+        if not wait.over:
             self._retry(handle)
 
-    def _probe(self, handle: ServiceHandle) -> None:
-        handle.probe_call = None
-        handle.probing = handle.sender.ping()
-        handle.probing.addCallback(self._probed, handle)
+    def _probe(self, handle: ServiceHandle, wait: Wait) -> None:
+        wait.probe_call = None
+        wait.probing = handle.sender.ping()
+        wait.probing.addCallback(self._probed, handle, wait)
 
-    def _probed(self, result: SendResult, handle: ServiceHandle) -> None:
-        handle.probing = None
-        if handle.state is not State.DOWN or self._stopped or handle.retired:
+    def _probed(self, result: SendResult, handle: ServiceHandle, wait: Wait) -> None:
+        wait.probing = None
+        if wait.over or self._stopped or handle.retired:
             return
         if probe_reached(result):
             log.info(
@@ -223,24 +225,13 @@ class Recoverer:
                 service=handle.id,
                 status=result.status,
             )
-            if handle.retry_call is not None:
-                handle.interrupted_until = handle.retry_call.getTime()
+            handle.interrupted_until = wait.until
             self._retry(handle)
         else:
             interval = handle.registration.options.probe_interval
-            retry = handle.retry_call
-            if retry is not None and retry.getTime() - self._clock.seconds() > interval:
-                handle.probe_call = self._clock.callLater(interval, self._probe, handle)
+            if wait.until is not None and wait.until - self._clock.seconds() > interval:
+                wait.probe_call = self._clock.callLater(interval, self._probe, handle, wait)
         self._observers.probe_done(handle.id, result)
-
-    def _cancel_timers(self, handle: ServiceHandle) -> None:
-        for call in (handle.retry_call, handle.probe_call):
-            if call is not None and call.active():
-                call.cancel()
-        handle.retry_call = handle.probe_call = None
-        if handle.probing is not None:
-            probing, handle.probing = handle.probing, None
-            probing.cancel()
 
     # -- start and stop --
 
@@ -254,7 +245,7 @@ class Recoverer:
     def stop(self, handles: list[ServiceHandle]) -> None:
         """Cancel every wait and probe of these services (all of them, when stopping)."""
         for handle in handles:
-            self._cancel_timers(handle)
+            handle.machine.halt()
 
     def stop_all(self, handles: list[ServiceHandle]) -> None:
         self._stopped = True

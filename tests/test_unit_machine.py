@@ -7,9 +7,11 @@ the inputs that change nothing, and the handle's ``state`` following the machine
 from __future__ import annotations
 
 import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 
 from delivery._interfaces import SendResult
-from delivery._state import ServiceHandle, State
+from delivery._state import ServiceHandle, State, Wait
 from delivery.records import StoredTransaction
 from delivery.testing import ScriptedSender, failure
 
@@ -25,11 +27,15 @@ class RecordingEffects:
 
     def __init__(self) -> None:
         self.calls: list[tuple[object, ...]] = []
+        #: every wait handed to the machine, in order
+        self.waits: list[Wait] = []
 
     def enter_down(
         self, handle: ServiceHandle, old: State, result: SendResult, txn: StoredTransaction | None
-    ) -> None:
+    ) -> Wait:
         self.calls.append(("down", handle, old, result, txn, handle.state))
+        self.waits.append(Wait(until=100.0))
+        return self.waits[-1]
 
     def enter_recovering(self, handle: ServiceHandle, old: State) -> None:
         self.calls.append(("recovering", handle, old, handle.state))
@@ -171,3 +177,48 @@ def test_the_whole_diagram_in_one_run_and_the_state_follows() -> None:
         State.RECOVERING,
         State.DISABLED,
     ]
+
+
+def test_leaving_down_cancels_its_wait_timers_and_probe() -> None:
+    clock = Clock()
+    handle, effects = handle_in(State.UP)
+    handle.machine.failed(DOWN_RESULT, TXN)
+    wait = effects.waits[-1]
+    wait.retry_call = clock.callLater(100, lambda: None)
+    wait.probe_call = clock.callLater(5, lambda: None)
+    cancelled: list[object] = []
+    wait.probing = Deferred(cancelled.append)
+    handle.machine.retry()
+    assert handle.state is State.RECOVERING
+    assert wait.over
+    assert clock.getDelayedCalls() == []
+    assert len(cancelled) == 1
+    # failing again makes a new wait; the old one stays over
+    handle.machine.failed(DOWN_RESULT, TXN)
+    assert effects.waits[-1] is not wait
+    assert not effects.waits[-1].over
+
+
+def test_halt_cancels_the_wait_of_a_down_service_and_nothing_else() -> None:
+    clock = Clock()
+    handle, effects = handle_in(State.UP)
+    handle.machine.halt()  # UP: nothing to cancel, nothing called
+    assert effects.calls == []
+    handle.machine.failed(DOWN_RESULT, None)
+    wait = effects.waits[-1]
+    wait.retry_call = clock.callLater(100, lambda: None)
+    handle.machine.halt()
+    assert wait.over
+    assert clock.getDelayedCalls() == []
+    assert [c[0] for c in effects.calls] == ["down"]
+    # a halted service can still be retried (it is resumed when delivered here again)
+    handle.machine.retry()
+    assert [c[0] for c in effects.calls] == ["down", "recovering"]
+
+
+def test_a_handle_built_down_waits_on_nothing_until_it_is_resumed() -> None:
+    handle, effects = handle_in(State.DOWN)
+    handle.machine.halt()
+    handle.machine.retry()
+    assert handle.state is State.RECOVERING
+    assert [c[0] for c in effects.calls] == ["recovering"]

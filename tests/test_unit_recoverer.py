@@ -176,8 +176,8 @@ async def test_retry_now_ends_the_wait_at_once(store: IStore) -> None:
     parts.fail(failure(503), txn)
     parts.recoverer.retry_now(parts.handle)
     assert parts.resumed == [(parts.handle, State.RECOVERING)]
-    assert parts.handle.retry_call is None
-    assert parts.handle.probe_call is None
+    # leaving DOWN cancelled its wait: the retry timer and the probe timer
+    assert parts.clock.getDelayedCalls() == []
     parts.clock.advance(1000)
     assert len(parts.resumed) == 1
     assert parts.sender.pings == 0
@@ -189,8 +189,7 @@ async def test_stop_cancels_every_timer(store: IStore) -> None:
     txn = await stored_transaction(store)
     parts = Parts(store, initial_delay=60.0, probe_interval=5.0)
     parts.fail(failure(503), txn)
-    assert parts.handle.retry_call is not None
-    assert parts.handle.probe_call is not None
+    assert len(parts.clock.getDelayedCalls()) == 2  # the retry and the first probe
     parts.recoverer.stop_all([parts.handle])
     assert parts.clock.getDelayedCalls() == []
     parts.clock.advance(10_000)
