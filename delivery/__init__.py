@@ -21,13 +21,16 @@ from .errors import (
     UnknownServiceError,
 )
 from .events import Event, StoredEvent
+from .housekeeping import Housekeeping, PassResult
 from .interest import RoutingFields
 from .records import (
+    Attempt,
     DeadLetter,
     Ingested,
     PurgeResult,
     QueuedEvent,
     ReloadResult,
+    ReplayResult,
     ServiceRecord,
     ServiceStatus,
     ServiceSummary,
@@ -38,11 +41,13 @@ from .service import DeliveryService
 from .store import SchemaTooNewError
 
 __all__ = [
+    "Attempt",
     "DeadLetter",
     "DeliveryError",
     "DeliveryOptions",
     "DeliveryService",
     "Event",
+    "Housekeeping",
     "IDeliveryObserver",
     "IEventSource",
     "ISender",
@@ -53,10 +58,12 @@ __all__ = [
     "InvalidStoreURLError",
     "Namespace",
     "NotAcceptingEventsError",
+    "PassResult",
     "PurgeResult",
     "QueuedEvent",
     "Registration",
     "ReloadResult",
+    "ReplayResult",
     "RoutingFields",
     "SchemaTooNewError",
     "SendResult",

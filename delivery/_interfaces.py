@@ -10,6 +10,7 @@ from zope.interface import Attribute, Interface
 
 from .events import Event, StoredEvent
 from .records import (
+    Attempt,
     DeadLetter,
     Ingested,
     QueuedEvent,
@@ -68,12 +69,32 @@ class IStore(IEventSource):
         position: int,
         queue: Sequence[tuple[str, int]],
         new_events: Sequence[StoredEvent],
+        unwanted: Sequence[int] = (),
     ) -> Deferred[None]:
         """
         Add ``(service_id, stream_id)`` rows to the service queues and move the sorter
         position to ``position``, atomically. ``new_events`` (from an outside event
-        source) are stored at their own positions in the same transaction.
+        source) are stored at their own positions in the same transaction; the events at
+        the positions ``unwanted`` (wanted by no service) are deleted, their ids kept for
+        the dedupe window.
         """
+
+    def delete_events(
+        after: int, limit: int, cutoff_ts: float, dedupe_cutoff_ts: float
+    ) -> Deferred[tuple[int, int | None]]:
+        """
+        Housekeeping, one batch: delete up to ``limit`` events above position ``after``
+        that the sorter is past, no queue row, stored transaction or dead letter needs,
+        and that arrived before ``cutoff_ts``, keeping the ids of those that arrived after
+        ``dedupe_cutoff_ts``. How many went, and the position to go on from (None: the
+        pass is over).
+        """
+
+    def prune_seen(cutoff_ts: float, limit: int) -> Deferred[int]:
+        """Forget up to ``limit`` ids of deleted events that arrived before ``cutoff_ts``."""
+
+    def database_stats() -> Deferred[tuple[int, dict[str, int]]]:
+        """The database's size in bytes, and the rows of its main tables."""
 
     def ensure_services(service_ids: Sequence[str]) -> Deferred[None]:
         """Create a record for each service not known yet."""
@@ -92,12 +113,15 @@ class IStore(IEventSource):
         body: bytes,
         now: float,
         received_ts: Sequence[float],
+        stream_ids: Sequence[int] = (),
     ) -> Deferred[int]:
         """
         Store a transaction with the service's next id and take its events (the queued
         events of the service from ``first_stream_id`` to ``last_stream_id``) out of the
         queue; the new id. ``received_ts`` are its events' ingest times, in order: kept
-        with it for the latency of a resend.
+        with it for the latency of a resend; ``stream_ids`` their positions, in order:
+        kept so that the transaction can be split or set aside after its events' rows
+        have been deleted.
         """
 
     def oldest_transaction(service_id: str) -> Deferred[StoredTransaction | None]:
@@ -106,8 +130,13 @@ class IStore(IEventSource):
     def transactions(service_id: str, after: int, limit: int) -> Deferred[list[StoredTransaction]]:
         """Stored transactions of a service with an id above ``after``, oldest first."""
 
-    def complete_transaction(service_id: str, txn_id: int, now: float) -> Deferred[None]:
-        """The receiver acknowledged the transaction: forget it, note the success."""
+    def complete_transaction(
+        service_id: str, txn_id: int, now: float, attempt: Attempt | None = None
+    ) -> Deferred[None]:
+        """
+        The receiver acknowledged the transaction: forget it, note the success (and
+        ``attempt``, the delivery log's row for it, in the same transaction).
+        """
 
     def record_failure(
         service_id: str,
@@ -116,8 +145,12 @@ class IStore(IEventSource):
         error: str,
         failure_count: int,
         next_retry_ts: float | None,
+        attempt: Attempt | None = None,
     ) -> Deferred[None]:
-        """Note a failed attempt on the transaction and on the service."""
+        """
+        Note a failed attempt on the transaction and on the service (and ``attempt``, the
+        delivery log's row for it, in the same transaction).
+        """
 
     def set_state(service_id: str, state: str) -> Deferred[None]:
         """Remember the service's state."""
@@ -142,10 +175,12 @@ class IStore(IEventSource):
         txn_id: int,
         parts: Sequence[Sequence[tuple[str, bytes]]],
         now: float,
+        attempt: Attempt | None = None,
     ) -> Deferred[list[StoredTransaction]]:
         """
         Replace a stored transaction by several with new ids, in order; each part is a
-        list of ``(event_id, json)``. The new transactions.
+        list of ``(event_id, json)``. The new transactions. ``attempt``: the delivery
+        log's row for the attempt that was refused, written in the same transaction.
         """
 
     def dead_letter(
@@ -155,8 +190,13 @@ class IStore(IEventSource):
         status: int | None,
         answer: str | None,
         now: float,
+        attempt: Attempt | None = None,
     ) -> Deferred[None]:
-        """Set a rejected transaction's events aside as dead letters and forget it."""
+        """
+        Set a rejected transaction's events aside as dead letters and forget it.
+        ``attempt``: the delivery log's row for the attempt that was refused, written in
+        the same transaction.
+        """
 
     def dead_letters(service_id: str, after: int, limit: int) -> Deferred[list[DeadLetter]]:
         """A service's dead letters with an id above ``after``, oldest first."""
@@ -170,10 +210,52 @@ class IStore(IEventSource):
     def dead_letter_counts() -> Deferred[dict[str, int]]:
         """How many dead letters each service has (services with none left out)."""
 
+    def attempts(
+        service_id: str, before: int | None, limit: int, outcome: str | None
+    ) -> Deferred[list[Attempt]]:
+        """
+        The delivery log of a service: at most ``limit`` attempts, newest first (by id,
+        descending), with an id below ``before`` (None: from the newest) and, unless
+        ``outcome`` is None, that outcome.
+        """
+
+    def prune_attempts(cutoff_ts: float, per_service: int, limit: int) -> Deferred[int]:
+        """
+        Housekeeping of the delivery log: delete at most ``limit`` attempts, those older
+        than ``cutoff_ts`` and, for each service, those beyond its newest
+        ``per_service``; how many. Cheap when there is nothing to delete.
+        """
+
     def on_new_events(callback: Callable[[], None]) -> None:
         """
         Have ``callback`` called when any process ingests events into this database, where
         the store can tell (PostgreSQL's NOTIFY); otherwise never.
+        """
+
+    # -- replay --
+
+    def replay_originals(
+        after: int, up_to: int, from_ts: float | None, to_ts: float | None, limit: int
+    ) -> Deferred[list[StoredEvent]]:
+        """
+        Up to ``limit`` stored events, never a replay's copies, above position ``after``
+        and up to ``up_to``, in stream order, that arrived from ``from_ts`` to ``to_ts``
+        (None: no bound).
+        """
+
+    def insert_replay(
+        service_id: str, originals: Sequence[StoredEvent], key: str, now: float
+    ) -> Deferred[None]:
+        """
+        Store copies of ``originals`` for ``service_id`` alone (``replay_for``), at new
+        stream positions after every event stored, in their order, with their JSON and an
+        event id of their own made with ``key``, and wake the sorters, as ingest does.
+        """
+
+    def retention_mark() -> Deferred[tuple[int, float | None]]:
+        """
+        The highest stream position and the latest ingest time of an event retention
+        deleted (0 and None while it has deleted none).
         """
 
 
@@ -227,3 +309,9 @@ class IDeliveryObserver(Interface):
 
     def dead_lettered(service_id: str, count: int, status: int | None) -> None:
         """``count`` events the service refused were set aside as dead letters."""
+
+    def housekept(table: str, count: int) -> None:
+        """
+        Housekeeping deleted ``count`` rows of ``table`` (``events``, ``seen_events``,
+        ``attempts``). Optional: an observer without this method is not told.
+        """

@@ -25,8 +25,11 @@ class Observers:
 
     def _tell(self, method: str, *args: object) -> None:
         for observer in list(self._observers):
+            call = getattr(observer, method, None)
+            if call is None:  # an observer written before this notification existed
+                continue
             try:
-                getattr(observer, method)(*args)
+                call(*args)
             except Exception:
                 log.failure(
                     "observer {observer!r} failed in {method}", observer=observer, method=method
@@ -49,3 +52,6 @@ class Observers:
 
     def dead_lettered(self, service_id: str, count: int, status: int | None) -> None:
         self._tell("dead_lettered", service_id, count, status)
+
+    def housekept(self, table: str, count: int) -> None:
+        self._tell("housekept", table, count)

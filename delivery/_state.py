@@ -30,7 +30,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 
 from ._interfaces import ISender, SendResult
-from .records import StoredTransaction
+from .records import Attempt, StoredTransaction
 from .registration import Registration
 
 
@@ -45,8 +45,13 @@ class State(str, enum.Enum):
 
 
 class ServiceMachine(Protocol):
-    def failed(self, result: SendResult, txn: StoredTransaction | None) -> None:
-        """A send of ``txn`` failed (or the pipeline did, with no ``txn``): wait."""
+    def failed(
+        self, result: SendResult, txn: StoredTransaction | None, attempt: Attempt | None = None
+    ) -> None:
+        """
+        A send of ``txn`` failed (or the pipeline did, with no ``txn``): wait. ``attempt``
+        is the send's row in the delivery log, written with the failure.
+        """
 
     def retry(self) -> None:
         """The wait is over (backoff elapsed, probe answered, or retry now)."""
@@ -54,8 +59,13 @@ class ServiceMachine(Protocol):
     def caught_up(self) -> None:
         """Recovery resent everything stored and drained the backlog."""
 
-    def disable(self, result: SendResult, txn: StoredTransaction) -> None:
-        """The receiver answered that the service is gone for good (HTTP 410)."""
+    def disable(
+        self, result: SendResult, txn: StoredTransaction, attempt: Attempt | None = None
+    ) -> None:
+        """
+        The receiver answered that the service is gone for good (HTTP 410). ``attempt``
+        is the send's row in the delivery log, written with the failure.
+        """
 
     def enable(self) -> None:
         """An operator wants a disabled service sent to again."""
@@ -91,7 +101,12 @@ class StateEffects(Protocol):
     """What happens on entering each state (the Recoverer): timers, records, the log."""
 
     def enter_down(
-        self, handle: ServiceHandle, old: State, result: SendResult, txn: StoredTransaction | None
+        self,
+        handle: ServiceHandle,
+        old: State,
+        result: SendResult,
+        txn: StoredTransaction | None,
+        attempt: Attempt | None = None,
     ) -> Wait:
         """Record the failure and start waiting: the wait returned is the DOWN state's."""
 
@@ -100,7 +115,12 @@ class StateEffects(Protocol):
     def enter_up(self, handle: ServiceHandle) -> None: ...
 
     def enter_disabled(
-        self, handle: ServiceHandle, old: State, result: SendResult, txn: StoredTransaction
+        self,
+        handle: ServiceHandle,
+        old: State,
+        result: SendResult,
+        txn: StoredTransaction,
+        attempt: Attempt | None = None,
     ) -> None: ...
 
 
@@ -167,10 +187,11 @@ def _wait(
     handle: ServiceHandle,
     result: SendResult,
     txn: StoredTransaction | None,
+    attempt: Attempt | None = None,
 ) -> Wait:
     """Entering DOWN: the effects start the wait, which the state keeps."""
     old, handle.state = handle.state, State.DOWN
-    return handle.effects.enter_down(handle, old, result, txn)
+    return handle.effects.enter_down(handle, old, result, txn, attempt)
 
 
 _builder = TypeMachineBuilder(ServiceMachine, ServiceHandle)
@@ -204,10 +225,14 @@ def _caught_up(machine: ServiceMachine, handle: ServiceHandle) -> None:
 @_up.upon(ServiceMachine.disable).to(_disabled)
 @_recovering.upon(ServiceMachine.disable).to(_disabled)
 def _disable(
-    machine: ServiceMachine, handle: ServiceHandle, result: SendResult, txn: StoredTransaction
+    machine: ServiceMachine,
+    handle: ServiceHandle,
+    result: SendResult,
+    txn: StoredTransaction,
+    attempt: Attempt | None = None,
 ) -> None:
     old, handle.state = handle.state, State.DISABLED
-    handle.effects.enter_disabled(handle, old, result, txn)
+    handle.effects.enter_disabled(handle, old, result, txn, attempt)
 
 
 @_disabled.upon(ServiceMachine.enable).to(_recovering)

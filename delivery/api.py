@@ -41,13 +41,22 @@ from ._log import Logger
 from .errors import (
     DeliveryError,
     InvalidEventError,
+    NotAcceptingEventsError,
     ServiceRegisteredError,
     StoreUnavailableError,
     UnknownServiceError,
 )
 from .events import shorten
 from .metrics import Metrics
-from .records import DeadLetter, ReloadResult, ServiceStatus, StoredTransaction
+from .records import (
+    OUTCOMES,
+    Attempt,
+    DeadLetter,
+    ReloadResult,
+    ReplayResult,
+    ServiceStatus,
+    StoredTransaction,
+)
 from .service import DeliveryService
 
 log = Logger()
@@ -57,6 +66,9 @@ _DIGITS = re.compile(r"[0-9]{1,19}")
 #: the most dead letters one request names
 MAX_IDS = 1000
 METRICS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+#: the keys of a replay's body: positions, and times
+REPLAY_POSITIONS = ("from_stream_id", "to_stream_id")
+REPLAY_TIMES = ("from_ts", "to_ts")
 
 
 @attrs.frozen
@@ -132,6 +144,12 @@ class Api(resource.Resource):
                 "admin",
                 self.list_transactions,
             ),
+            _Route(
+                b"GET",
+                re.compile(rf"/v1/services/{segment}/attempts"),
+                "admin",
+                self.list_attempts,
+            ),
             _Route(b"DELETE", re.compile(rf"/v1/services/{segment}/queue"), "admin", self.purge),
             _Route(b"POST", re.compile(rf"/v1/services/{segment}/enable"), "admin", self.enable),
             _Route(
@@ -152,6 +170,13 @@ class Api(resource.Resource):
                 re.compile(rf"/v1/services/{segment}/dead-letters/discard"),
                 "admin",
                 self.discard,
+                body=True,
+            ),
+            _Route(
+                b"POST",
+                re.compile(rf"/v1/services/{segment}/replay"),
+                "admin",
+                self.replay,
                 body=True,
             ),
             _Route(b"POST", re.compile(r"/v1/reload"), "admin", self.reload),
@@ -363,6 +388,27 @@ class Api(resource.Resource):
             lambda d: d.id,
         )
 
+    async def list_attempts(self, request: server.Request, service_id: str) -> tuple[int, Any]:
+        """
+        One page of the delivery log, newest first: ``before`` (an attempt's id),
+        ``limit`` and ``outcome`` in, ``next_before`` (the page's last id, when there are
+        older ones) out.
+        """
+        before = self._int_arg(request, "before", 0, 1, 2**62) or None
+        limit = self._int_arg(request, "limit", 100, 1, 1000)
+        values = (request.args or {}).get(b"outcome")
+        outcome = values[0].decode("utf-8", "replace") if values else None
+        if outcome is not None and outcome not in OUTCOMES:
+            raise ApiError(400, "M_INVALID_PARAM", f"outcome must be one of {', '.join(OUTCOMES)}")
+        items = await self.delivery.attempts(
+            service_id, before=before, limit=limit + 1, outcome=outcome
+        )
+        page = items[:limit]
+        return 200, {
+            "attempts": [attempt_json(a) for a in page],
+            "next_before": page[-1].id if len(items) > limit else None,
+        }
+
     def _ids(self, request: server.Request, require: bool) -> list[int] | None:
         """The ``ids`` of a dead-letter request; None for all (which discard must say)."""
         if not self._raw_body(request).strip() and not require:
@@ -401,6 +447,36 @@ class Api(resource.Resource):
         ids = self._ids(request, require=True)
         count = await self.delivery.discard(service_id, ids)
         return 200, {"discarded": count}
+
+    async def replay(self, request: server.Request, service_id: str) -> tuple[int, Any]:
+        if service_id not in self.delivery.registrations:
+            raise UnknownServiceError(service_id)
+        body = self._json_body(request)
+        shape = (
+            'the body must be {"from_ts": T} or {"from_stream_id": N}, and may add an end,'
+            ' "to_ts" or "to_stream_id"'
+        )
+        if not isinstance(body, dict):
+            raise ApiError(400, "M_BAD_JSON", shape)
+        for key, value in body.items():
+            if key not in REPLAY_POSITIONS + REPLAY_TIMES:
+                problem = f"unknown key {shorten(json.dumps(key))}: {shape}"
+            elif value is None:
+                continue
+            elif key in REPLAY_POSITIONS and type(value) is not int:
+                problem = f"{key} must be a whole number: a stream position"
+            elif key in REPLAY_TIMES and type(value) not in (int, float):
+                problem = f"{key} must be a number: a unix time, in seconds"
+            else:
+                continue
+            raise ApiError(400, "M_BAD_JSON", problem)
+        try:
+            result = await self.delivery.replay(service_id, **body)
+        except ValueError as e:
+            raise ApiError(400, "M_INVALID_PARAM", str(e)) from None
+        except NotAcceptingEventsError as e:
+            raise ApiError(409, "M_FORBIDDEN", str(e)) from None
+        return 200, replay_json(result)
 
     async def reload(self, request: server.Request) -> tuple[int, Any]:
         if self._reload is None:
@@ -465,6 +541,20 @@ def transaction_json(txn: StoredTransaction) -> dict[str, Any]:
     }
 
 
+def attempt_json(attempt: Attempt) -> dict[str, Any]:
+    return {
+        "id": attempt.id,
+        "txn_id": attempt.txn_id,
+        "started": attempt.ts,
+        "duration": attempt.duration,
+        "events": attempt.event_count,
+        "status": attempt.status,
+        "outcome": attempt.outcome,
+        "error": attempt.error,
+        "resend": attempt.resend,
+    }
+
+
 def dead_letter_json(letter: DeadLetter) -> dict[str, Any]:
     return {
         "id": letter.id,
@@ -475,4 +565,13 @@ def dead_letter_json(letter: DeadLetter) -> dict[str, Any]:
         "status": letter.status,
         "answer": letter.answer,
         "created": letter.created_ts,
+    }
+
+
+def replay_json(result: ReplayResult) -> dict[str, Any]:
+    return {
+        "queued": result.queued,
+        "first_stream_id": result.first_stream_id,
+        "last_stream_id": result.last_stream_id,
+        "partly_deleted": result.partly_deleted,
     }

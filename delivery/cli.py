@@ -4,7 +4,11 @@ The ``delivery`` command (``.venv/bin/delivery`` in a clone set up by ``scripts/
 - ``delivery run [--config] FILE``: run the daemon in the foreground (``twistd -n delivery``);
 - ``delivery check-config [--config] FILE``: check a configuration and every registration
   it names, with the environment the command runs in;
-- ``delivery status [--config] FILE``: ask the running daemon how its services are doing.
+- ``delivery status [--config] FILE``: ask the running daemon how its services are doing;
+- ``delivery attempts SERVICE [--config] FILE [--limit N] [--outcome X]``: show the running
+  daemon's delivery log of one service, newest first;
+- ``delivery replay SERVICE [--config] FILE --from-ts T | --since S | --from-stream-id N``:
+  have the running daemon queue recent events again for one service.
 
 Every subcommand takes the configuration both ways, positional or ``--config``, and
 ``delivery.yaml`` in the current folder when given neither. A mistake on the command line
@@ -24,6 +28,7 @@ import re
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -33,6 +38,7 @@ import attrs
 
 from .config import Config, check, load_config
 from .errors import DeliveryError
+from .records import OUTCOMES
 from .store import redact_url
 
 #: the configuration a subcommand reads when it is given none
@@ -56,7 +62,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "check-config", help="check a configuration and the registrations it names"
     )
     status = commands.add_parser("status", help="show the services of a running daemon")
-    for command in (run, checker, status):
+    attempts = commands.add_parser(
+        "attempts", help="show the delivery log of one service of a running daemon"
+    )
+    attempts.add_argument("service", metavar="SERVICE", help="the id of the service")
+    replay = commands.add_parser(
+        "replay", help="queue recent events again for one service of a running daemon"
+    )
+    replay.add_argument("service", metavar="SERVICE", help="the id of the service")
+    for command in (run, checker, status, attempts, replay):
         command.add_argument(
             "config_file",
             nargs="?",
@@ -68,7 +82,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     status.add_argument("--url", help="the daemon's base URL (default: from the config's listen)")
     status.add_argument("--json", action="store_true", help="print the daemon's JSON answer")
-    subcommands = {"run": run, "check-config": checker, "status": status}
+    _replay_options(replay)
+    _attempts_options(attempts)
+    subcommands = {
+        "run": run,
+        "check-config": checker,
+        "status": status,
+        "attempts": attempts,
+        "replay": replay,
+    }
 
     # Unknown arguments are the subcommand's to report, with its own usage.
     args, unknown = parser.parse_known_args(argv)
@@ -81,6 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(config)
         if args.command == "check-config":
             _check_config(config)
+        elif args.command == "attempts":
+            _attempts(config, args.url, args.service, _attempts_query(args), args.json)
+        elif args.command == "replay":
+            _replay(config, args.url, args.service, _replay_body(replay, args), args.json)
         else:
             _status(config, args.url, args.json, time.time())
     except _Failed as e:
@@ -320,6 +346,218 @@ def next_retry(when: float | None, now: float) -> str:
     clock = time.strftime("%H:%M:%S" if same_day else "%Y-%m-%d %H:%M:%S", moment)
     relative = f"in {duration(when - now)}" if when - now >= 0.5 else "now"
     return f"{relative} ({clock})"
+
+
+# -- replay --
+
+#: seconds ``replay`` waits for the daemon's answer (a large replay takes a while)
+REPLAY_TIMEOUT = 300.0
+
+
+def _replay_options(replay: argparse.ArgumentParser) -> None:
+    replay.add_argument("--url", help="the daemon's base URL (default: from the config's listen)")
+    replay.add_argument("--json", action="store_true", help="print the daemon's JSON answer")
+    start = replay.add_mutually_exclusive_group(required=True)
+    start.add_argument(
+        "--from-ts", type=float, metavar="T", help="from the events ingested at unix time T on"
+    )
+    start.add_argument(
+        "--since", type=float, metavar="SECONDS", help="from the events ingested SECONDS ago on"
+    )
+    start.add_argument("--from-stream-id", type=int, metavar="N", help="from stream position N on")
+    end = replay.add_mutually_exclusive_group()
+    end.add_argument(
+        "--to-ts", type=float, metavar="T", help="up to the events ingested at unix time T"
+    )
+    end.add_argument("--to-stream-id", type=int, metavar="N", help="up to stream position N")
+
+
+def _replay_body(command: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
+    """The body of ``POST /v1/services/{id}/replay`` the options ask for."""
+    for option in ("from_ts", "since", "from_stream_id", "to_ts", "to_stream_id"):
+        value = getattr(args, option)
+        if value is not None and not 0 <= value < float("inf"):
+            command.error(f"--{option.replace('_', '-')} must be 0 or more, not {value}")
+    body: dict[str, Any] = {}
+    if args.since is not None:
+        body["from_ts"] = time.time() - args.since
+    for option in ("from_ts", "from_stream_id", "to_ts", "to_stream_id"):
+        if getattr(args, option) is not None:
+            body[option] = getattr(args, option)
+    return body
+
+
+def _replay(path: str, url: str | None, service: str, body: dict[str, Any], raw: bool) -> None:
+    config = _status_config(path)
+    url = (url or base_url(config.listen) or "").rstrip("/")
+    if not url:
+        raise _Failed(f"cannot tell a URL from listen: {config.listen} in {path}; pass --url")
+    request = urllib.request.Request(
+        f"{url}/v1/services/{urllib.parse.quote(service, safe='')}/replay",
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={
+            "Authorization": f"Bearer {config.admin_token}",
+            "Content-Type": "application/json",
+        },
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=REPLAY_TIMEOUT) as answer:
+            result: Any = json.load(answer)
+        queued, first, last = result["queued"], result["first_stream_id"], result["last_stream_id"]
+        partly_deleted = result["partly_deleted"]
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            raise _Failed(
+                f"the admin token was refused (HTTP {e.code}): check {_admin_token_source(path)}"
+            ) from None
+        if e.code in (400, 404, 409):  # the daemon says what is wrong with the request
+            raise _Failed(_error_text(e.read())) from None
+        raise _Failed(f"{url} answered HTTP {e.code}: {_error_text(e.read())}") from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        reason = getattr(e, "reason", None) or e
+        raise _Failed(f"no daemon answers at {url}: is it running? ({reason})") from None
+    except (ValueError, KeyError, TypeError):
+        raise _Failed(f"{url} did not answer as a delivery daemon does: is it one?") from None
+    if raw:
+        print(json.dumps(result, indent=2))
+        return
+    done = (
+        f"{queued} event(s) queued again (stream positions {first} to {last})"
+        if queued
+        else "no event in that range to replay"
+    )
+    warning = "; part of the range may have been deleted by retention already"
+    print(f"{service}: {done}{warning if partly_deleted else ''}")
+
+
+# -- attempts --
+
+#: the most attempts one ``attempts`` asks for (the API's limit)
+MAX_ATTEMPTS = 1000
+
+
+def _attempt_limit(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= MAX_ATTEMPTS:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to {MAX_ATTEMPTS}")
+    return int(text)
+
+
+def _attempt_id(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 2**62:
+        raise argparse.ArgumentTypeError("must be the id of an attempt, a whole number from 1")
+    return int(text)
+
+
+def _attempts_options(attempts: argparse.ArgumentParser) -> None:
+    attempts.add_argument("--url", help="the daemon's base URL (default: from the config's listen)")
+    attempts.add_argument("--json", action="store_true", help="print the daemon's JSON answer")
+    attempts.add_argument(
+        "--limit",
+        type=_attempt_limit,
+        default=100,
+        metavar="N",
+        help=f"show the newest N attempts (default 100, at most {MAX_ATTEMPTS})",
+    )
+    attempts.add_argument("--outcome", choices=OUTCOMES, help="only the attempts with this outcome")
+    attempts.add_argument(
+        "--before", type=_attempt_id, metavar="ID", help="only attempts older than attempt ID"
+    )
+
+
+def _attempts_query(args: argparse.Namespace) -> dict[str, Any]:
+    """The query of ``GET /v1/services/{id}/attempts`` the options ask for."""
+    query: dict[str, Any] = {"limit": args.limit}
+    if args.outcome is not None:
+        query["outcome"] = args.outcome
+    if args.before is not None:
+        query["before"] = args.before
+    return query
+
+
+def _attempts(path: str, url: str | None, service: str, query: dict[str, Any], raw: bool) -> None:
+    config = _status_config(path)
+    url = (url or base_url(config.listen) or "").rstrip("/")
+    if not url:
+        raise _Failed(f"cannot tell a URL from listen: {config.listen} in {path}; pass --url")
+    request = urllib.request.Request(
+        f"{url}/v1/services/{urllib.parse.quote(service, safe='')}/attempts"
+        f"?{urllib.parse.urlencode(query)}",
+        headers={"Authorization": f"Bearer {config.admin_token}"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=STATUS_TIMEOUT) as answer:
+            body: Any = json.load(answer)
+        found, older = body["attempts"], body["next_before"]
+        table = attempts_table(found)
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            raise _Failed(
+                f"the admin token was refused (HTTP {e.code}): check {_admin_token_source(path)}"
+            ) from None
+        if e.code in (400, 404):  # the daemon says what is wrong with the request
+            raise _Failed(_error_text(e.read())) from None
+        raise _Failed(f"{url} answered HTTP {e.code}: {_error_text(e.read())}") from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        reason = getattr(e, "reason", None) or e
+        raise _Failed(f"no daemon answers at {url}: is it running? ({reason})") from None
+    except (ValueError, KeyError, TypeError):
+        raise _Failed(f"{url} did not answer as a delivery daemon does: is it one?") from None
+    if raw:
+        print(json.dumps(body, indent=2))
+        return
+    if not found:
+        which = f" with the outcome {query['outcome']}" if "outcome" in query else ""
+        print(f"{service}: no attempts logged{which}")
+        return
+    print(table, end="")
+    if older is not None:
+        print(f"(older attempts: --before {older})")
+
+
+#: the columns of ``delivery attempts``: heading, and whether it is right-aligned
+_ATTEMPT_COLUMNS = (
+    ("time", False),
+    ("txn id", True),
+    ("events", True),
+    ("status", True),
+    ("outcome", False),
+    ("duration", True),
+    ("resend", False),
+    ("error", False),
+)
+
+
+def attempts_table(attempts: Sequence[Mapping[str, Any]]) -> str:
+    """
+    The attempts of a ``GET /v1/services/{id}/attempts`` answer as a table, a line each
+    in the answer's order (newest first): the local time the request started, the
+    transaction, its events, the answer's status (``-``: none came), the outcome, how
+    long the answer took in milliseconds, whether it was a resend, and the error.
+    """
+    rows = [[heading for heading, _ in _ATTEMPT_COLUMNS]]
+    for a in attempts:
+        rows.append(
+            [
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(a["started"]))),
+                str(a["txn_id"]),
+                str(a["events"]),
+                "-" if a["status"] is None else str(a["status"]),
+                str(a["outcome"]),
+                f"{round(float(a['duration']) * 1000)} ms",
+                "yes" if a["resend"] else "no",
+                " ".join(str(a.get("error") or "").split()),
+            ]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_ATTEMPT_COLUMNS))]
+    lines = []
+    for row in rows:
+        cells = [
+            cell.rjust(width) if right else cell.ljust(width)
+            for cell, width, (_, right) in zip(row, widths, _ATTEMPT_COLUMNS, strict=True)
+        ]
+        lines.append("  ".join(cells).rstrip() + "\n")
+    return "".join(lines)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from ._log import LEVELS as LOG_LEVELS
 from ._yaml import UnreadableYAML, read_yaml
 from .errors import DeliveryError, InvalidStoreURLError
 from .events import DEFAULT_MAX_EVENT_BYTES
+from .housekeeping import Housekeeping
 from .registration import DeliveryOptions, InvalidOptionError, Registration, parse_options
 from .store import open_store
 
@@ -56,6 +57,9 @@ class HttpConfig:
     body_timeout: float = 30.0
 
 
+_HOUSEKEEPING = Housekeeping()
+
+
 @attrs.frozen
 class Config:
     """A checked configuration; relative paths in the file are taken from the file's folder."""
@@ -78,9 +82,29 @@ class Config:
     #: how long a PostgreSQL operation may go unanswered before the database counts as
     #: unavailable, seconds
     database_timeout: float = 60.0
+    #: housekeeping (see :class:`~delivery.Housekeeping`), seconds and rows
+    retention: float = _HOUSEKEEPING.retention
+    dedupe_window: float = _HOUSEKEEPING.dedupe_window
+    attempt_retention: float = _HOUSEKEEPING.attempt_retention
+    attempts_per_service: int = _HOUSEKEEPING.attempts_per_service
+    housekeeping_batch_size: int = _HOUSEKEEPING.batch_size
+    housekeeping_pace: float = _HOUSEKEEPING.pace
+    housekeeping_interval: float = _HOUSEKEEPING.interval
     defaults: DeliveryOptions = attrs.Factory(DeliveryOptions)
     log: LogConfig = attrs.Factory(LogConfig)
     http: HttpConfig = attrs.Factory(HttpConfig)
+
+    def housekeeping(self) -> Housekeeping:
+        """The housekeeping these keys describe."""
+        return Housekeeping(
+            retention=self.retention,
+            dedupe_window=self.dedupe_window,
+            attempt_retention=self.attempt_retention,
+            attempts_per_service=self.attempts_per_service,
+            batch_size=self.housekeeping_batch_size,
+            pace=self.housekeeping_pace,
+            interval=self.housekeeping_interval,
+        )
 
     def registrations(self) -> list[Registration]:
         """
@@ -257,6 +281,30 @@ def parse_config(
     if server_name is not None and (not isinstance(server_name, str) or not server_name):
         raise fail("server_name", f"must be a homeserver name, not {server_name!r}")
 
+    pace = get("housekeeping_pace", _HOUSEKEEPING.pace)
+    if isinstance(pace, bool) or not isinstance(pace, (int, float)) or pace < 0:
+        raise fail("housekeeping_pace", f"must be a number of seconds >= 0, not {pace!r}")
+    housekeeping = {
+        "retention": number("retention", _HOUSEKEEPING.retention),
+        "dedupe_window": number("dedupe_window", _HOUSEKEEPING.dedupe_window),
+        "attempt_retention": number("attempt_retention", _HOUSEKEEPING.attempt_retention),
+        "attempts_per_service": number(
+            "attempts_per_service", _HOUSEKEEPING.attempts_per_service, integer=True
+        ),
+        "housekeeping_batch_size": number(
+            "housekeeping_batch_size", _HOUSEKEEPING.batch_size, integer=True
+        ),
+        "housekeeping_pace": pace,
+        "housekeeping_interval": number("housekeeping_interval", _HOUSEKEEPING.interval),
+    }
+    if housekeeping["dedupe_window"] < housekeeping["retention"]:
+        raise fail(
+            "dedupe_window",
+            f"must be at least retention ({housekeeping['retention']:g} s), not"
+            f" {housekeeping['dedupe_window']:g} s: an event's id must be recognised while"
+            " the event is kept",
+        )
+
     return Config(
         source=source,
         database=database,
@@ -274,6 +322,7 @@ def parse_config(
         max_event_bytes=number("max_event_bytes", DEFAULT_MAX_EVENT_BYTES, integer=True),
         start_timeout=number("start_timeout", 60.0),
         database_timeout=number("database_timeout", 60.0),
+        **housekeeping,
         defaults=defaults,
         log=LogConfig(level),
         http=http,

@@ -140,6 +140,7 @@ class Daemon(MultiService):
             max_event_bytes=config.max_event_bytes,
             server_name=config.server_name,
             start_timeout=config.start_timeout,
+            housekeeping=config.housekeeping(),
         )
         self.delivery.setServiceParent(self)  # type: ignore[no-untyped-call]
         self.metrics = Metrics(self.delivery.clock)

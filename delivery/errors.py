@@ -83,4 +83,7 @@ class ServiceRegisteredError(DeliveryError):
 
 
 class NotAcceptingEventsError(DeliveryError):
-    """``submit()`` on a service that reads its events from an outside source."""
+    """
+    ``submit()`` or ``replay()`` on a service that reads its events from an outside source
+    (it keeps none of its own to replay).
+    """

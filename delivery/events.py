@@ -42,11 +42,16 @@ class Event:
 
 @attrs.frozen
 class StoredEvent:
-    """An event read back from the store, at its stream position."""
+    """
+    An event read back from the store, at its stream position. ``replay_for`` is set on a
+    replay's copy of an event: it goes to that service alone (see
+    :meth:`DeliveryService.replay`).
+    """
 
     stream_id: int
     event: Event
     received_ts: float
+    replay_for: str | None = None
 
     @classmethod
     def of(

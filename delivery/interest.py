@@ -180,6 +180,8 @@ class InterestIndex:
         cache_size: int = 65536,
     ) -> None:
         regs = [r for r in registrations if r.url is not None]
+        #: the services that receive events (a replay's copies go to one of them)
+        self.service_ids = frozenset(r.id for r in regs)
         users = [(r.id, ns.pattern) for r in regs for ns in r.users]
         if server_name is not None:
             # each service's own user, as a pattern that matches that user and no one else

@@ -139,6 +139,26 @@ class Metrics:
             "Age of the oldest event not yet routed (0 if none).",
             registry=r,
         )
+        self.housekeeping_deleted = Counter(
+            "delivery_housekeeping_deleted",
+            "Rows housekeeping deleted (events: payloads no one needs any more; seen_events:"
+            " ids past the dedupe window; attempts: delivery-log rows).",
+            ["table"],
+            registry=r,
+        )
+        self.database_size = Gauge(
+            "delivery_database_size_bytes",
+            "The database's size (SQLite: the file's pages, free ones included), as the last"
+            " housekeeping pass found it.",
+            registry=r,
+        )
+        self.database_rows = Gauge(
+            "delivery_database_rows",
+            "Rows kept per table (PostgreSQL: its statistics' estimate), as the last"
+            " housekeeping pass found them.",
+            ["table"],
+            registry=r,
+        )
 
     # -- IDeliveryObserver --
 
@@ -167,6 +187,9 @@ class Metrics:
     def events_routed(self, counts: Mapping[str, int]) -> None:
         for service_id, count in counts.items():
             self.routed.labels(service_id).inc(count)
+
+    def housekept(self, table: str, count: int) -> None:
+        self.housekeeping_deleted.labels(table).inc(count)
 
     # -- scraping --
 
@@ -198,6 +221,12 @@ class Metrics:
         for labels in _label_sets(self.state):
             if labels[0] not in summaries:
                 self.state.remove(*labels)
+        stats = service.database_stats
+        if stats is not None:
+            size, rows = stats
+            self.database_size.set(size)
+            for table, count in rows.items():
+                self.database_rows.labels(table).set(count)
         lag, oldest_unrouted = await service.store.sorter_lag()
         self.lag_events.set(lag)
         self.lag_seconds.set(0 if oldest_unrouted is None else max(0.0, now - oldest_unrouted))

@@ -50,6 +50,9 @@ class StoredTransaction:
     #: end-to-end latency of every delivery, resends included; stored with it (empty only
     #: for a transaction stored before schema version 4)
     received_ts: tuple[float, ...] = attrs.field(default=(), repr=False)
+    #: each event's stream position, in body order (empty only for a transaction stored
+    #: before schema version 5)
+    stream_ids: tuple[int, ...] = attrs.field(default=(), repr=False)
 
 
 @attrs.frozen
@@ -87,6 +90,51 @@ class DeadLetter:
     status: int | None
     answer: str | None
     created_ts: float
+
+
+#: what became of an attempt to send a transaction (:attr:`Attempt.outcome`)
+OUTCOMES = ("ok", "failed", "split", "rejected", "gone")
+
+
+@attrs.frozen
+class Attempt:
+    """
+    One attempt to send a transaction, as the delivery log keeps it: one per request,
+    never one per event, written in the database transaction that records its outcome.
+
+    ``outcome`` is what the answer called for (the registration's ``actions``): ``ok``
+    (a 2xx), ``failed`` (retried later: a 5xx, a timeout, a refused connection, 429,
+    401/403, and a refusal of content while it has attempts left before it is bisected),
+    ``split`` (too large, 413: halved), ``rejected`` (content refused, 400/422: bisected;
+    or a single event refused, whatever the status, set aside as a dead letter) or
+    ``gone`` (410: the service is disabled).
+
+    ``resend`` is true when the transaction went again from the store: a recovering
+    service resends what is stored, oldest first, with its id and body, which is every
+    transaction whose last attempt failed, was cut off by a restart or a stop, or came
+    before its service was disabled. A transaction stored just before a crash counts
+    as a resend even if the crash came before its first request, since nothing records
+    that a request began. A new transaction (cut from the queue, or half of one split
+    or bisected) is not a resend.
+    """
+
+    service_id: str
+    txn_id: int
+    #: when the request started (clock seconds)
+    ts: float
+    #: seconds from the start of the request until its answer (or its failure)
+    duration: float
+    event_count: int
+    #: the answer's HTTP status; None when no answer came (refused, reset, timed out)
+    status: int | None
+    #: one of :data:`OUTCOMES`
+    outcome: str
+    #: what went wrong, as the sender said it (tokens redacted, the answer's text cut
+    #: short); None for ``ok``
+    error: str | None
+    resend: bool
+    #: its number in the log, increasing (0 until it is stored)
+    id: int = 0
 
 
 @attrs.frozen
@@ -129,3 +177,16 @@ class PurgeResult:
 
     queued_events: int
     stored_transactions: int
+
+
+@attrs.frozen
+class ReplayResult:
+    """What :meth:`DeliveryService.replay` queued again for one service."""
+
+    #: events queued again: copies of the originals, delivered after everything queued before
+    queued: int
+    #: the stream positions of the first and the last original replayed (None: none was)
+    first_stream_id: int | None
+    last_stream_id: int | None
+    #: part of the range may have been deleted by retention already, and so not replayed
+    partly_deleted: bool

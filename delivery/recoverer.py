@@ -23,7 +23,7 @@ from ._log import Logger
 from ._observers import Observers
 from ._state import ServiceHandle, State, Wait
 from .errors import StoreUnavailableError
-from .records import StoredTransaction
+from .records import Attempt, StoredTransaction
 
 log = Logger()
 
@@ -68,8 +68,17 @@ class Recoverer:
     # -- entering states (called by the service's machine) --
 
     def enter_down(
-        self, handle: ServiceHandle, old: State, result: SendResult, txn: StoredTransaction | None
+        self,
+        handle: ServiceHandle,
+        old: State,
+        result: SendResult,
+        txn: StoredTransaction | None,
+        attempt: Attempt | None = None,
     ) -> Wait:
+        """
+        Wait, with backoff and probes, and record the failure: on the transaction, on the
+        service and (``attempt``) in the delivery log, in one write.
+        """
         options = handle.registration.options
         now = self._clock.seconds()
         handle.failure_count += 1
@@ -90,7 +99,13 @@ class Recoverer:
             self._background(
                 handle,
                 lambda: self._store.record_failure(
-                    handle.id, txn.txn_id, now, result.error or "failed", failures, next_retry
+                    handle.id,
+                    txn.txn_id,
+                    now,
+                    result.error or "failed",
+                    failures,
+                    next_retry,
+                    attempt=attempt,
                 ),
             )
         if not (self._stopped or handle.retired):
@@ -157,8 +172,14 @@ class Recoverer:
         self._observers.state_changed(handle.id, str(State.RECOVERING), str(State.UP), None)
 
     def enter_disabled(
-        self, handle: ServiceHandle, old: State, result: SendResult, txn: StoredTransaction
+        self,
+        handle: ServiceHandle,
+        old: State,
+        result: SendResult,
+        txn: StoredTransaction,
+        attempt: Attempt | None = None,
     ) -> None:
+        """Stop sending until an operator enables it; record the failure as DOWN does."""
         handle.last_error = result.error
         handle.interrupted_until = None
         log.warn(
@@ -173,7 +194,13 @@ class Recoverer:
         self._background(
             handle,
             lambda: self._store.record_failure(
-                handle.id, txn.txn_id, now, result.error or "gone", handle.failure_count, None
+                handle.id,
+                txn.txn_id,
+                now,
+                result.error or "gone",
+                handle.failure_count,
+                None,
+                attempt=attempt,
             ),
         )
         self._observers.state_changed(handle.id, str(old), str(State.DISABLED), result.error)

@@ -20,6 +20,7 @@ from ._backoff import BackoffPolicy
 from ._interfaces import IDeliveryObserver, IEventSource, ISender, IStore
 from ._log import Logger
 from ._observers import Observers
+from ._replay import Replayer, ReplayRange
 from ._services import Services
 from ._state import State
 from .errors import (
@@ -30,13 +31,17 @@ from .errors import (
     UnknownServiceError,
 )
 from .events import DEFAULT_MAX_EVENT_BYTES, prepare
+from .housekeeping import Housekeeper, Housekeeping, PassResult
 from .interest import InterestIndex
 from .matrix import ConnectionPool
 from .pool import DEFAULT_WINDOW, EventPool
 from .records import (
+    OUTCOMES,
+    Attempt,
     DeadLetter,
     PurgeResult,
     ReloadResult,
+    ReplayResult,
     ServiceRecord,
     ServiceStatus,
     ServiceSummary,
@@ -115,6 +120,7 @@ class DeliveryService(Service):
         senders: dict[str, ISender] | None = None,
         rng: random.Random | None = None,
         start_timeout: float = 60.0,
+        housekeeping: Housekeeping | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
@@ -156,11 +162,16 @@ class DeliveryService(Service):
             dict(senders or {}),
         )
         self._pool.on_ready = self._services.ready
+        # keeps the database bounded: payloads, ids and the delivery log expire
+        self._housekeeper = Housekeeper(
+            store, housekeeping or Housekeeping(), self.clock, self._observers
+        )
         self._age_check: IDelayedCall | None = None
         #: services whose oldest pending event is older than their max_pending_age
         self._too_old: set[str] = set()
         #: one reload at a time: each one's changes are worked out from the last one's
         self._reloading = DeferredLock()
+        self._replayer = Replayer(store, self._sorter, self.clock)
         self._starting: Deferred[None] | None = None
         self._start_failure: Failure | None = None
         self._start_waiters: list[Deferred[None]] | None = None
@@ -215,6 +226,7 @@ class DeliveryService(Service):
         if not self._external_source:
             self.store.on_new_events(self._sorter.wake)
         self._age_check = self.clock.callLater(AGE_CHECK_INTERVAL, self._check_ages)
+        self._housekeeper.start()
 
     async def _while_unavailable(self, step: Callable[[], Awaitable[T]]) -> T:
         """``step()``, tried again with backoff while the store is unavailable, for a while."""
@@ -290,6 +302,7 @@ class DeliveryService(Service):
         if self._age_check is not None and self._age_check.active():
             self._age_check.cancel()
         self._services.halt()
+        await self._housekeeper.stop()
         await self._sorter.stop()
         await self._services.close()
         await self._connections.close()
@@ -475,6 +488,20 @@ class DeliveryService(Service):
         if handle is not None:
             await handle.recorded()
 
+    @deferred
+    async def housekeep(self) -> PassResult:
+        """
+        Run one whole housekeeping pass now (they also run by themselves, every
+        ``Housekeeping.interval``); what it deleted.
+        """
+        await self._started()
+        return await self._housekeeper.run_pass()
+
+    @property
+    def database_stats(self) -> tuple[int, dict[str, int]] | None:
+        """The database's size in bytes and rows by table, as housekeeping last found them."""
+        return self._housekeeper.stats
+
     def state_of(self, service_id: str) -> str:
         """The state of a service as known in memory: ``orphaned`` if not registered."""
         handle = self._services.get(service_id)
@@ -521,6 +548,75 @@ class DeliveryService(Service):
         count = await self.store.discard(service_id, ids)
         log.info("{service}: {count} dead letter(s) discarded", service=service_id, count=count)
         return count
+
+    @deferred
+    async def attempts(
+        self,
+        service_id: str,
+        *,
+        before: int | None = None,
+        limit: int = 100,
+        outcome: str | None = None,
+    ) -> list[Attempt]:
+        """
+        The delivery log of a service: its attempts to send a transaction, newest first,
+        at most ``limit``, with an id below ``before`` (for the next page: the last id of
+        this one) and, if given, that ``outcome`` (one of ``ok``, ``failed``, ``split``,
+        ``rejected``, ``gone``: see :class:`Attempt`). An unknown outcome raises a
+        ValueError (through the Deferred) naming those; so does a ``limit`` below 1.
+
+        :raises UnknownServiceError: if the service is neither registered nor orphaned.
+        """
+        if outcome is not None and outcome not in OUTCOMES:
+            raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, not {outcome!r}")
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit!r}")
+        await self._known(service_id)
+        return await self.store.attempts(service_id, before, limit, outcome)
+
+    @deferred
+    async def replay(
+        self,
+        service_id: str,
+        *,
+        from_ts: float | None = None,
+        from_stream_id: int | None = None,
+        to_ts: float | None = None,
+        to_stream_id: int | None = None,
+    ) -> ReplayResult:
+        """
+        Queue again, for one service, the retained events it wants in a range: they are
+        delivered in stream order, in new transactions, after everything queued for it
+        already; no other service gets anything. The range starts at ``from_ts`` (an
+        ingest time, in the clock's seconds) or at ``from_stream_id`` (a stream position),
+        exactly one, and ends at ``to_ts`` or ``to_stream_id`` (ends included), by default
+        at the sorter's position now: later events are the sorter's to route. Who wants an
+        event is worked out with the service's registration now, as the sorter does.
+
+        Each event is copied (a new stream position, the same JSON) for this service alone.
+        The range is read :data:`REPLAY_CHUNK` events at a time, each chunk's copies stored
+        in one database transaction: a larger replay is not atomic, and one that fails
+        part-way leaves its first chunks queued, which is safe (they are copies). Times are
+        not indexed: a range by time is scanned from the oldest event kept. Replays run one
+        at a time in a process. A range that is not one (no start or two, two ends, a value
+        of the wrong type or negative, an end before its start) fails with ``ValueError``,
+        saying so.
+
+        :raises UnknownServiceError: if no registered service has this id.
+        :raises NotAcceptingEventsError: when events come from an outside event source:
+            this service keeps none to replay.
+        """
+        if self._external_source:
+            raise NotAcceptingEventsError(
+                "this delivery service reads events from its event source and keeps none of"
+                " its own: replay is not possible"
+            )
+        chosen = ReplayRange.of(from_ts, from_stream_id, to_ts, to_stream_id)
+        await self._started()
+        registration = self.registrations.get(service_id)
+        if registration is None:
+            raise UnknownServiceError(service_id)
+        return await self._replayer.replay(registration, chosen)
 
     def observe(self, observer: IDeliveryObserver) -> None:
         """Have ``observer`` told of state changes and transactions as they happen."""

@@ -9,6 +9,9 @@ A crash at any point either keeps both or neither.
 Events submitted in this process are handed over as they are committed (:meth:`ingested`),
 with the position stored before them: while they follow on from the sorter's position,
 it routes them from memory instead of reading them back.
+
+A replay's copy of an event (``StoredEvent.replay_for`` set) goes to that service alone,
+whatever the namespaces say, if it still receives events; else to no one.
 """
 
 from __future__ import annotations
@@ -189,18 +192,27 @@ class EventSorter:
         queue: list[tuple[str, int]] = []
         by_service: dict[str, list[QueuedEvent]] = {}
         wanted: list[StoredEvent] = []
+        #: stored events no service wants (deleted as they are routed)
+        unwanted: list[int] = []
         route = self.index.route
         for stored in events:
-            room = stored.event.routing.room_id
-            services = route(stored.event.routing, aliases.get(room, ()) if room else ())
+            if stored.replay_for is not None:  # a replay's copy, for that service alone
+                services = self._replay_target(stored.replay_for)
+            else:
+                room = stored.event.routing.room_id
+                services = route(stored.event.routing, aliases.get(room, ()) if room else ())
             if services:
                 wanted.append(stored)
                 queued = QueuedEvent(stored.stream_id, stored.event.json, stored.received_ts)
                 for service_id in services:
                     queue.append((service_id, stored.stream_id))
                     by_service.setdefault(service_id, []).append(queued)
+            elif not self._copy_events:
+                unwanted.append(stored.stream_id)
         position = events[-1].stream_id
-        await self._store.commit_sorted(position, queue, wanted if self._copy_events else ())
+        await self._store.commit_sorted(
+            position, queue, wanted if self._copy_events else (), unwanted
+        )
         self.position = position
         for service_id, queued_events in by_service.items():
             self._pool.add(service_id, queued_events)
@@ -208,10 +220,33 @@ class EventSorter:
             self._observers.events_routed({s: len(q) for s, q in by_service.items()})
         return len(events)
 
+    def _replay_target(self, service_id: str) -> frozenset[str]:
+        """Where a replay's copy for ``service_id`` goes: there, if it still receives events."""
+        return frozenset((service_id,)) if service_id in self.index.service_ids else frozenset()
+
+    async def wanted_by(
+        self, service_id: str, events: Sequence[StoredEvent], aliases: bool
+    ) -> list[StoredEvent]:
+        """
+        Those of ``events`` the service wants by the registrations now, worked out as
+        :meth:`sort_once` does (``InterestIndex.route``, with the rooms' aliases looked up
+        when ``aliases``: its registration has an ``aliases`` namespace): what a replay
+        copies.
+        """
+        found = await self._aliases(events) if aliases else {}
+        route = self.index.route
+        return [
+            e
+            for e in events
+            for room in (e.event.routing.room_id,)
+            if service_id in route(e.event.routing, found.get(room, ()) if room else ())
+        ]
+
     async def _aliases(self, events: Sequence[StoredEvent]) -> dict[str, Sequence[str]]:
         if self._alias_lookup is None or not self.index.wants_aliases:
             return {}
-        rooms = {e.event.routing.room_id for e in events} - {None}
+        # (a replay's copy is routed without them)
+        rooms = {e.event.routing.room_id for e in events if e.replay_for is None} - {None}
         found: dict[str, Sequence[str]] = {}
         for room in sorted(r for r in rooms if r is not None):
             found[room] = await self._alias_lookup(room)

@@ -90,6 +90,8 @@ class RecordingObserver:
         self.ingested = 0
         #: events routed into each service's queue, in all
         self.routed: dict[str, int] = {}
+        #: rows housekeeping deleted, by table, in all
+        self.deleted: dict[str, int] = {}
         self._waiting: list[tuple[Callable[[], bool], Deferred[None]]] = []
 
     # -- IDeliveryObserver --
@@ -117,6 +119,10 @@ class RecordingObserver:
     def events_routed(self, counts: Mapping[str, int]) -> None:
         for service_id, count in counts.items():
             self.routed[service_id] = self.routed.get(service_id, 0) + count
+        self._check()
+
+    def housekept(self, table: str, count: int) -> None:
+        self.deleted[table] = self.deleted.get(table, 0) + count
         self._check()
 
     # -- waiting --

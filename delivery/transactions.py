@@ -14,6 +14,7 @@ until the Recoverer resumes it.
 
 from __future__ import annotations
 
+import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
@@ -25,9 +26,18 @@ from ._state import ServiceHandle, State
 from .errors import StoreUnavailableError
 from .events import split_body, transaction_body
 from .pool import EventPool
-from .records import StoredTransaction
+from .records import Attempt, StoredTransaction
 
 log = Logger()
+
+#: the delivery log's outcome of an attempt, by what its answer called for
+_OUTCOMES = {
+    "ok": "ok",
+    "retry": "failed",
+    "split": "split",
+    "reject": "rejected",
+    "disable": "gone",
+}
 
 
 class TransactionMaker:
@@ -59,6 +69,7 @@ class TransactionMaker:
         try:
             while not (self._stopped or handle.retired):
                 txn: StoredTransaction | None
+                resend = False
                 if handle.state is State.RECOVERING:
                     if not handle.replayed:  # else it may still be the oldest stored
                         await self._completed(handle)
@@ -66,6 +77,8 @@ class TransactionMaker:
                     if txn is None:
                         handle.machine.caught_up()
                         continue
+                    # Still replaying: this one is the oldest stored, sent again.
+                    resend = not handle.replayed
                 elif handle.state is State.UP:
                     handle.wanted = False
                     txn = await self.cut(handle)
@@ -77,7 +90,7 @@ class TransactionMaker:
                         break
                 else:
                     break
-                if not await self.deliver(handle, txn):
+                if not await self.deliver(handle, txn, resend=resend):
                     break
             await self._completed(handle)
         except Exception:
@@ -140,8 +153,9 @@ class TransactionMaker:
         now = self._clock.seconds()
         first, last = events[0].stream_id, events[-1].stream_id
         received = tuple(e.received_ts for e in events)
+        positions = tuple(e.stream_id for e in events)
         txn_id = await self._store.store_transaction(
-            handle.id, first, last, len(events), body, now, received
+            handle.id, first, last, len(events), body, now, received, positions
         )
         self._pool.remove(handle.id, len(events))
         return StoredTransaction(
@@ -153,10 +167,15 @@ class TransactionMaker:
             last,
             now,
             received_ts=received,
+            stream_ids=positions,
         )
 
     async def deliver(
-        self, handle: ServiceHandle, txn: StoredTransaction, bisecting: bool = False
+        self,
+        handle: ServiceHandle,
+        txn: StoredTransaction,
+        bisecting: bool = False,
+        resend: bool = False,
     ) -> bool:
         """
         Send a stored transaction. On a 2xx forget it and return True. Otherwise do what
@@ -164,12 +183,18 @@ class TransactionMaker:
         large (413) and send the halves; bisect one whose content is rejected (400, 422)
         to set the events refused aside as dead letters, and send the rest; for anything
         else mark the service DOWN (or DISABLED, for 410) and return False.
+
+        The attempt goes in the delivery log (an :class:`Attempt`, ``resend`` as given:
+        the transaction came from the store) with the write that records its outcome:
+        the deletion, the failure, the split or the dead letter. An answer that comes
+        once the service is stopping is recorded nowhere: the transaction is sent again.
         """
         # The one answered before it is forgotten first: after a crash the oldest stored
         # transaction is resent, and it must not be older than one the receiver has seen.
         await self._completed(handle)
         if self._stopped or handle.retired:
             return False
+        start = self._clock.seconds()
         handle.in_flight = handle.sender.send(txn)
         try:
             result = await handle.in_flight
@@ -177,28 +202,41 @@ class TransactionMaker:
             handle.in_flight = None
         if self._stopped or handle.retired:
             return False
-        if result.ok:
-            assert handle.completing is None  # waited for before this was sent
-            handle.completing = Deferred.fromCoroutine(self._complete(handle, txn, result))
-            return True
         options = handle.registration.options
-        action = options.action_for(result.status)
+        action = "ok" if result.ok else options.action_for(result.status)
         if action == "reject" and not bisecting and txn.attempts + 1 < options.reject_attempts:
             action = "retry"  # the receiver may be wrong for a while: give it a few tries
+        attempt = Attempt(
+            service_id=handle.id,
+            txn_id=txn.txn_id,
+            ts=start,
+            duration=max(0.0, self._clock.seconds() - start),
+            event_count=txn.event_count,
+            status=result.status,
+            outcome=_OUTCOMES[action],
+            error=None if result.ok else result.error,
+            resend=resend,
+        )
+        if result.ok:
+            assert handle.completing is None  # waited for before this was sent
+            handle.completing = Deferred.fromCoroutine(self._complete(handle, txn, result, attempt))
+            return True
         self._observers.transaction_done(handle.id, txn, result)
         if action in ("split", "reject"):
-            return await self._divide(handle, txn, result, bisecting=action == "reject")
+            return await self._divide(handle, txn, result, action == "reject", attempt)
         if action == "disable":
-            handle.machine.disable(result, txn)
+            handle.machine.disable(result, txn, attempt)
         else:
-            handle.machine.failed(result, txn)
+            handle.machine.failed(result, txn, attempt)
         return False
 
     async def _complete(
-        self, handle: ServiceHandle, txn: StoredTransaction, result: SendResult
+        self, handle: ServiceHandle, txn: StoredTransaction, result: SendResult, attempt: Attempt
     ) -> None:
         """Delete a transaction answered 2xx (in the background, until the next send)."""
-        await self._store.complete_transaction(handle.id, txn.txn_id, self._clock.seconds())
+        await self._store.complete_transaction(
+            handle.id, txn.txn_id, self._clock.seconds(), attempt=attempt
+        )
         self._observers.transaction_done(handle.id, txn, result)
 
     async def _completed(self, handle: ServiceHandle) -> None:
@@ -208,17 +246,31 @@ class TransactionMaker:
             await completing
 
     async def _divide(
-        self, handle: ServiceHandle, txn: StoredTransaction, result: SendResult, bisecting: bool
+        self,
+        handle: ServiceHandle,
+        txn: StoredTransaction,
+        result: SendResult,
+        bisecting: bool,
+        attempt: Attempt,
     ) -> bool:
         """
         Replace a refused transaction by its two halves (new ids, order kept) and send them;
-        a single event refused on its own becomes a dead letter.
+        a single event refused on its own becomes a dead letter (its attempt ``rejected``,
+        whatever the answer).
         """
         events = split_body(txn.body)
         now = self._clock.seconds()
         if len(events) == 1:
             answer = (result.error or "")[:2000]
-            await self._store.dead_letter(handle.id, txn.txn_id, events, result.status, answer, now)
+            await self._store.dead_letter(
+                handle.id,
+                txn.txn_id,
+                events,
+                result.status,
+                answer,
+                now,
+                attempt=attrs.evolve(attempt, outcome="rejected"),
+            )
             log.warn(
                 "{service} refused event {event_id} on its own ({error}): set aside as a"
                 " dead letter",
@@ -230,7 +282,7 @@ class TransactionMaker:
             return True
         half = len(events) // 2
         parts = await self._store.split_transaction(
-            handle.id, txn.txn_id, [events[:half], events[half:]], now
+            handle.id, txn.txn_id, [events[:half], events[half:]], now, attempt=attempt
         )
         for part in parts:
             if not await self.deliver(handle, part, bisecting):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from delivery import Housekeeping
 from delivery.config import Config, ConfigError, load_config, parse_config
 
 
@@ -147,3 +148,50 @@ def test_a_bad_http_limit_names_its_key(http: object, key: str, words: str) -> N
     assert e.value.key == key
     assert words in str(e.value)
     assert str(e.value).startswith("invalid configuration delivery.yaml: key ")
+
+
+def test_housekeeping_has_defaults_and_can_be_set() -> None:
+    assert parse(TOKENS).housekeeping() == Housekeeping()
+    config = parse(
+        {
+            **TOKENS,
+            "retention": 5,
+            "dedupe_window": 10.5,
+            "attempt_retention": 60,
+            "attempts_per_service": 7,
+            "housekeeping_batch_size": 50,
+            "housekeeping_pace": 0,
+            "housekeeping_interval": 2,
+        }
+    )
+    assert config.housekeeping() == Housekeeping(
+        retention=5,
+        dedupe_window=10.5,
+        attempt_retention=60,
+        attempts_per_service=7,
+        batch_size=50,
+        pace=0,
+        interval=2,
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "key", "words"),
+    [
+        ({"retention": 0}, "retention", "must be a positive number, not 0"),
+        ({"retention": "1h"}, "retention", "must be a positive number, not '1h'"),
+        ({"retention": 100000}, "dedupe_window", "at least retention (100000 s), not 86400 s"),
+        ({"dedupe_window": 60}, "dedupe_window", "must be at least retention (3600 s)"),
+        ({"attempt_retention": -1}, "attempt_retention", "must be a positive number"),
+        ({"attempts_per_service": 2.5}, "attempts_per_service", "must be a positive integer"),
+        ({"housekeeping_batch_size": 0}, "housekeeping_batch_size", "positive integer"),
+        ({"housekeeping_pace": -0.1}, "housekeeping_pace", "must be a number of seconds >= 0"),
+        ({"housekeeping_pace": True}, "housekeeping_pace", "must be a number of seconds >= 0"),
+        ({"housekeeping_interval": 0}, "housekeeping_interval", "must be a positive number"),
+    ],
+)
+def test_a_bad_housekeeping_key_is_named(data: dict[str, object], key: str, words: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse({**TOKENS, **data})
+    assert e.value.key == key
+    assert words in str(e.value)

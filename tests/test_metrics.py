@@ -156,3 +156,43 @@ async def test_latency_counts_the_events_resent_after_a_restart_and_a_split(
         await service.stopService()
     assert [r.event_ids for r in receiver.requests[1:]] == [["$e1", "$e2"], ["$e1"], ["$e2"]]
     assert latencies(metrics, "a") == pytest.approx((2, 60 + 60))
+
+
+@pytest_twisted.ensureDeferred
+async def test_housekeeping_metrics(db_url: str, reactor: Any) -> None:
+    from prometheus_client.parser import text_string_to_metric_families as families
+
+    from delivery import Housekeeping
+    from delivery.testing import ScriptedSender
+
+    clock = Clock()
+    service, recorder, _ = make_service(
+        open_store(db_url, reactor),
+        [registration("a", "http://127.0.0.1:1", users="@alice.*")],
+        reactor,
+        clock=clock,
+        senders={"a": ScriptedSender()},
+        housekeeping=Housekeeping(retention=10, dedupe_window=20, pace=0),
+    )
+    metrics = Metrics(clock)
+    service.observe(metrics)
+    service.startService()
+    try:
+        await service.started()
+        await service.submit([event(1), event(2, sender="@carol:hs")])  # e2: no one wants it
+        await recorder.wait_for_acks(1)
+        clock.advance(11)
+        await service.housekeep()
+        clock.advance(11)
+        await service.housekeep()
+        samples: Samples = {}
+        for family in families((await metrics.render(service)).decode()):
+            for sample in family.samples:
+                samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    finally:
+        await service.stopService()
+    deleted = "delivery_housekeeping_deleted_total"
+    assert value(samples, deleted, table="events") == 1  # e1; e2 went as it was routed
+    assert value(samples, deleted, table="seen_events") == 2
+    assert value(samples, "delivery_database_size_bytes") > 0
+    assert ("delivery_database_rows", (("table", "events"),)) in samples

@@ -506,11 +506,15 @@ class HeldDeletions:
         self.changes.check()
         return txn_id
 
-    def complete_transaction(self, service_id: str, txn_id: int, now: float) -> Any:
+    def complete_transaction(
+        self, service_id: str, txn_id: int, now: float, attempt: Any = None
+    ) -> Any:
         gate: Deferred[None] = Deferred()
         self.held.append(gate)
         self.changes.check()
-        gate.addCallback(lambda _: self._store.complete_transaction(service_id, txn_id, now))
+        gate.addCallback(
+            lambda _: self._store.complete_transaction(service_id, txn_id, now, attempt=attempt)
+        )
         gate.addCallback(lambda _: self.forgotten.append(txn_id))
         return gate
 

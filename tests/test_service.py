@@ -36,11 +36,13 @@ from .harness import event, make_service, registration, txn_ids
 
 #: what ``delivery`` exports: the design's names, and every type their methods return or raise
 PUBLIC_NAMES = [
+    "Attempt",
     "DeadLetter",
     "DeliveryError",
     "DeliveryOptions",
     "DeliveryService",
     "Event",
+    "Housekeeping",
     "IDeliveryObserver",
     "IEventSource",
     "ISender",
@@ -51,10 +53,12 @@ PUBLIC_NAMES = [
     "InvalidStoreURLError",
     "Namespace",
     "NotAcceptingEventsError",
+    "PassResult",
     "PurgeResult",
     "QueuedEvent",
     "Registration",
     "ReloadResult",
+    "ReplayResult",
     "RoutingFields",
     "SchemaTooNewError",
     "SendResult",

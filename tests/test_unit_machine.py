@@ -12,7 +12,7 @@ from twisted.internet.task import Clock
 
 from delivery._interfaces import SendResult
 from delivery._state import ServiceHandle, State, Wait
-from delivery.records import StoredTransaction
+from delivery.records import Attempt, StoredTransaction
 from delivery.testing import ScriptedSender, failure
 
 from .harness import registration
@@ -29,11 +29,19 @@ class RecordingEffects:
         self.calls: list[tuple[object, ...]] = []
         #: every wait handed to the machine, in order
         self.waits: list[Wait] = []
+        #: the delivery log's row handed with each failure, in order
+        self.attempts: list[Attempt | None] = []
 
     def enter_down(
-        self, handle: ServiceHandle, old: State, result: SendResult, txn: StoredTransaction | None
+        self,
+        handle: ServiceHandle,
+        old: State,
+        result: SendResult,
+        txn: StoredTransaction | None,
+        attempt: Attempt | None = None,
     ) -> Wait:
         self.calls.append(("down", handle, old, result, txn, handle.state))
+        self.attempts.append(attempt)
         self.waits.append(Wait(until=100.0))
         return self.waits[-1]
 
@@ -44,9 +52,15 @@ class RecordingEffects:
         self.calls.append(("up", handle, handle.state))
 
     def enter_disabled(
-        self, handle: ServiceHandle, old: State, result: SendResult, txn: StoredTransaction
+        self,
+        handle: ServiceHandle,
+        old: State,
+        result: SendResult,
+        txn: StoredTransaction,
+        attempt: Attempt | None = None,
     ) -> None:
         self.calls.append(("disabled", handle, old, result, txn, handle.state))
+        self.attempts.append(attempt)
 
 
 def handle_in(state: State) -> tuple[ServiceHandle, RecordingEffects]:

@@ -16,6 +16,7 @@ from .._log import Logger
 from ..errors import StoreUnavailableError
 from ..events import Event, StoredEvent
 from ..records import (
+    Attempt,
     DeadLetter,
     Ingested,
     QueuedEvent,
@@ -23,7 +24,7 @@ from ..records import (
     ServiceSummary,
     StoredTransaction,
 )
-from . import _sql
+from . import _retention, _sql
 from ._schema import Dialect
 
 T = TypeVar("T")
@@ -90,8 +91,20 @@ class GeneratorStore:
         position: int,
         queue: Sequence[tuple[str, int]],
         new_events: Sequence[StoredEvent] = (),
+        unwanted: Sequence[int] = (),
     ) -> Deferred[None]:
-        return self._run(_sql.commit_sorted, position, queue, new_events)
+        return self._run(_sql.commit_sorted, position, queue, new_events, unwanted)
+
+    def delete_events(
+        self, after: int, limit: int, cutoff_ts: float, dedupe_cutoff_ts: float
+    ) -> Deferred[tuple[int, int | None]]:
+        return self._run(_retention.delete_events, after, limit, cutoff_ts, dedupe_cutoff_ts)
+
+    def prune_seen(self, cutoff_ts: float, limit: int) -> Deferred[int]:
+        return self._run(_retention.prune_seen, cutoff_ts, limit)
+
+    def database_stats(self) -> Deferred[tuple[int, dict[str, int]]]:
+        return self._run(_retention.database_stats, self.dialect)
 
     def sorter_lag(self) -> Deferred[tuple[int, float | None]]:
         return self._run(_sql.sorter_lag)
@@ -129,6 +142,7 @@ class GeneratorStore:
         body: bytes,
         now: float,
         received_ts: Sequence[float],
+        stream_ids: Sequence[int] = (),
     ) -> Deferred[int]:
         return self._run(
             _sql.store_transaction,
@@ -139,6 +153,7 @@ class GeneratorStore:
             body,
             now,
             received_ts,
+            stream_ids,
         )
 
     def oldest_transaction(self, service_id: str) -> Deferred[StoredTransaction | None]:
@@ -149,8 +164,10 @@ class GeneratorStore:
     ) -> Deferred[list[StoredTransaction]]:
         return self._run(_sql.transactions, service_id, after, limit)
 
-    def complete_transaction(self, service_id: str, txn_id: int, now: float) -> Deferred[None]:
-        return self._run(_sql.complete_transaction, service_id, txn_id, now)
+    def complete_transaction(
+        self, service_id: str, txn_id: int, now: float, attempt: Attempt | None = None
+    ) -> Deferred[None]:
+        return self._run(_sql.complete_transaction, service_id, txn_id, now, attempt)
 
     def record_failure(
         self,
@@ -160,6 +177,7 @@ class GeneratorStore:
         error: str,
         failure_count: int,
         next_retry_ts: float | None,
+        attempt: Attempt | None = None,
     ) -> Deferred[None]:
         return self._run(
             _sql.record_failure,
@@ -169,6 +187,7 @@ class GeneratorStore:
             error,
             failure_count,
             next_retry_ts,
+            attempt,
         )
 
     def split_transaction(
@@ -177,8 +196,9 @@ class GeneratorStore:
         txn_id: int,
         parts: Sequence[Sequence[tuple[str, bytes]]],
         now: float,
+        attempt: Attempt | None = None,
     ) -> Deferred[list[StoredTransaction]]:
-        return self._run(_sql.split_transaction, service_id, txn_id, parts, now)
+        return self._run(_sql.split_transaction, service_id, txn_id, parts, now, attempt)
 
     def dead_letter(
         self,
@@ -188,8 +208,9 @@ class GeneratorStore:
         status: int | None,
         answer: str | None,
         now: float,
+        attempt: Attempt | None = None,
     ) -> Deferred[None]:
-        return self._run(_sql.dead_letter, service_id, txn_id, events, status, answer, now)
+        return self._run(_sql.dead_letter, service_id, txn_id, events, status, answer, now, attempt)
 
     def dead_letters(self, service_id: str, after: int, limit: int) -> Deferred[list[DeadLetter]]:
         return self._run(_sql.dead_letters, service_id, after, limit)
@@ -202,3 +223,26 @@ class GeneratorStore:
 
     def dead_letter_counts(self) -> Deferred[dict[str, int]]:
         return self._run(_sql.dead_letter_counts)
+
+    def attempts(
+        self, service_id: str, before: int | None, limit: int, outcome: str | None
+    ) -> Deferred[list[Attempt]]:
+        return self._run(_sql.attempts, service_id, before, limit, outcome)
+
+    def prune_attempts(self, cutoff_ts: float, per_service: int, limit: int) -> Deferred[int]:
+        return self._run(_sql.prune_attempts, cutoff_ts, per_service, limit)
+
+    # -- replay --
+
+    def replay_originals(
+        self, after: int, up_to: int, from_ts: float | None, to_ts: float | None, limit: int
+    ) -> Deferred[list[StoredEvent]]:
+        return self._run(_sql.replay_originals, after, up_to, from_ts, to_ts, limit)
+
+    def insert_replay(
+        self, service_id: str, originals: Sequence[StoredEvent], key: str, now: float
+    ) -> Deferred[None]:
+        return self._run(_sql.insert_replay, service_id, originals, key, now)
+
+    def retention_mark(self) -> Deferred[tuple[int, float | None]]:
+        return self._run(_sql.retention_mark)

@@ -35,6 +35,8 @@ class Dialect:
     bigint: str
     #: double precision float
     real: str
+    #: what ends a CREATE TABLE whose primary key is the table (SQLite: no rowid)
+    keyed: str
 
 
 SQLITE = Dialect(
@@ -43,6 +45,7 @@ SQLITE = Dialect(
     blob="BLOB",
     bigint="INTEGER",
     real="REAL",
+    keyed=" WITHOUT ROWID",
 )
 
 POSTGRES = Dialect(
@@ -51,6 +54,7 @@ POSTGRES = Dialect(
     blob="BYTEA",
     bigint="BIGINT",
     real="DOUBLE PRECISION",
+    keyed="",
 )
 
 
@@ -163,6 +167,52 @@ _MIGRATIONS: list[list[str]] = [
     # events: the times packed as little-endian doubles, in body order (``_sql.pack_times``)
     [
         "ALTER TABLE transactions ADD COLUMN received_ts {blob}",
+    ],
+    # 5: housekeeping, the delivery log and replay.
+    # - seen_events: the ids of events whose payload was deleted, with their first stream
+    #   position, so that ingest stays idempotent for dedupe_window (events keeps the ids
+    #   of the events it still holds: together they are every id seen in the window)
+    # - transactions.stream_ids: each event's stream position, packed like received_ts,
+    #   so that a stored transaction is split or dead-lettered without its events' rows
+    # - events.replay_for: a copy of an event made by a replay, routed to that service
+    #   alone (its event_id is a key of the copy's own, the JSON the original's)
+    # - attempts: the delivery log, one row per attempt to send a transaction
+    # - housekeeping: how far retention has deleted payloads (for replay's answer)
+    [
+        """
+        CREATE TABLE seen_events (
+            event_id TEXT PRIMARY KEY,
+            stream_id {bigint} NOT NULL,
+            received_ts {real} NOT NULL
+        ){keyed}
+        """,
+        "CREATE INDEX seen_events_by_time ON seen_events (received_ts)",
+        "ALTER TABLE transactions ADD COLUMN stream_ids {blob}",
+        "ALTER TABLE events ADD COLUMN replay_for TEXT",
+        "CREATE INDEX dead_letters_by_stream ON dead_letters (stream_id)",
+        """
+        CREATE TABLE attempts (
+            id {serial_key},
+            service_id TEXT NOT NULL,
+            txn_id {bigint} NOT NULL,
+            ts {real} NOT NULL,
+            duration {real} NOT NULL,
+            event_count INTEGER NOT NULL,
+            status INTEGER,
+            outcome TEXT NOT NULL,
+            error TEXT,
+            resend INTEGER NOT NULL
+        )
+        """,
+        "CREATE INDEX attempts_by_service ON attempts (service_id, id)",
+        """
+        CREATE TABLE housekeeping (
+            lock INTEGER PRIMARY KEY CHECK (lock = 0),
+            deleted_stream_id {bigint} NOT NULL DEFAULT 0,
+            deleted_ts {real}
+        )
+        """,
+        "INSERT INTO housekeeping (lock) VALUES (0)",
     ],
 ]
 

@@ -19,6 +19,7 @@ from ..errors import DeliveryError
 from ..events import Event, StoredEvent, transaction_body
 from ..interest import RoutingFields
 from ..records import (
+    Attempt,
     DeadLetter,
     Ingested,
     QueuedEvent,
@@ -77,11 +78,11 @@ EVENTS_CHANNEL = "delivery_events"
 
 _TXN_COLUMNS = (
     "service_id, txn_id, body, event_count, first_stream_id, last_stream_id, created_ts,"
-    " attempts, first_attempt_ts, last_attempt_ts, last_error, received_ts"
+    " attempts, first_attempt_ts, last_attempt_ts, last_error, received_ts, stream_ids"
 )
 _INSERT_TXN = (
     "INSERT INTO transactions (service_id, txn_id, body, event_count, first_stream_id,"
-    " last_stream_id, created_ts, received_ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    " last_stream_id, created_ts, received_ts, stream_ids) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _EVENT_COLUMNS = ("event_id", "sender", "room_id", "type", "state_key", "json", "received_ts")
 _EVENT_TYPES = ("text", "text", "text", "text", "text", "bytea", "float8")
@@ -128,6 +129,9 @@ def insert_events(events: Sequence[Event], now: float) -> Steps[Ingested]:
     # id committed after a higher one it has routed already.
     yield Lock(INGEST_LOCK)
     (after,) = yield Query("SELECT coalesce(max(stream_id), 0) FROM events", fetch="one")
+    event_ids = list(dict.fromkeys(e.event_id for e in events))
+    # Ids whose payload housekeeping has deleted, within the dedupe window: resubmits.
+    seen = yield from _stream_ids(event_ids, "seen_events")
     yield Insert(
         "events",
         _EVENT_COLUMNS,
@@ -135,30 +139,38 @@ def insert_events(events: Sequence[Event], now: float) -> Steps[Ingested]:
         [
             (e.event_id, r.sender, r.room_id, r.type, r.state_key, e.json, now)
             for e in events
+            if e.event_id not in seen
             for r in (e.routing,)
         ],
         conflict="ON CONFLICT (event_id) DO NOTHING",
     )
-    ids = yield from _stream_ids(list(dict.fromkeys(e.event_id for e in events)))
+    ids = yield from _stream_ids([i for i in event_ids if i not in seen] if seen else event_ids)
+    ids.update(seen)
     yield Notify(EVENTS_CHANNEL)
     return Ingested([ids[e.event_id] for e in events], after)
+
+
+#: the columns ``_events`` reads, in its order
+_STORED_COLUMNS = (
+    "stream_id, event_id, sender, room_id, type, state_key, json, received_ts, replay_for"
+)
 
 
 def _events(rows: Sequence[Sequence[Any]]) -> list[StoredEvent]:
     return [
         StoredEvent(
             stream_id,
-            Event(event_id, RoutingFields(sender, room_id, type_, state_key), bytes(json)),
+            Event(event_id, RoutingFields(*routing), bytes(json)),
             received_ts,
+            replay_for,
         )
-        for stream_id, event_id, sender, room_id, type_, state_key, json, received_ts in rows
+        for stream_id, event_id, *routing, json, received_ts, replay_for in rows
     ]
 
 
 def events_after(position: int, limit: int) -> Steps[list[StoredEvent]]:
     rows = yield Query(
-        "SELECT stream_id, event_id, sender, room_id, type, state_key, json, received_ts"
-        " FROM events WHERE stream_id > ? ORDER BY stream_id LIMIT ?",
+        f"SELECT {_STORED_COLUMNS} FROM events WHERE stream_id > ? ORDER BY stream_id LIMIT ?",
         (position, limit),
     )
     return _events(rows)
@@ -170,8 +182,27 @@ def sorter_position() -> Steps[int]:
 
 
 def commit_sorted(
-    position: int, queue: Sequence[tuple[str, int]], new_events: Sequence[StoredEvent]
+    position: int,
+    queue: Sequence[tuple[str, int]],
+    new_events: Sequence[StoredEvent],
+    unwanted: Sequence[int] = (),
 ) -> Steps[None]:
+    if unwanted:
+        # Events no service wanted go at once, their ids kept for the dedupe window; under
+        # the ingest lock, so that ingest never finds an id in neither table.
+        yield Lock(INGEST_LOCK)
+        for start in range(0, len(unwanted), 500):
+            chunk = list(unwanted[start : start + 500])
+            marks = ",".join("?" * len(chunk))
+            yield Query(
+                "INSERT INTO seen_events (event_id, stream_id, received_ts)"
+                " SELECT event_id, stream_id, received_ts FROM events"
+                f" WHERE stream_id IN ({marks}) AND replay_for IS NULL"
+                " ON CONFLICT DO NOTHING",
+                chunk,
+                fetch="count",
+            )
+            yield Query(f"DELETE FROM events WHERE stream_id IN ({marks})", chunk, fetch="count")
     if new_events:
         yield Insert(
             "events",
@@ -326,6 +357,18 @@ def unpack_times(packed: bytes | memoryview | None) -> tuple[float, ...]:
     return struct.unpack(f"<{len(packed) // 8}d", packed)
 
 
+def pack_ids(ids: Sequence[int]) -> bytes | None:
+    """Stream positions as stored with a transaction: little-endian 64-bit integers."""
+    return struct.pack(f"<{len(ids)}q", *ids) if ids else None
+
+
+def unpack_ids(packed: bytes | memoryview | None) -> tuple[int, ...]:
+    """The positions of ``pack_ids``; none for a transaction stored before they were kept."""
+    if packed is None:
+        return ()
+    return struct.unpack(f"<{len(packed) // 8}q", packed)
+
+
 def store_transaction(
     service_id: str,
     first_stream_id: int,
@@ -334,6 +377,7 @@ def store_transaction(
     body: bytes,
     now: float,
     received_ts: Sequence[float],
+    stream_ids: Sequence[int] = (),
 ) -> Steps[int]:
     row = yield Query(
         "UPDATE services SET last_txn_id = last_txn_id + 1 WHERE service_id = ?"
@@ -366,6 +410,7 @@ def store_transaction(
             last_stream_id,
             now,
             pack_times(received_ts),
+            pack_ids(stream_ids),
         ),
         fetch="count",
     )
@@ -392,6 +437,7 @@ def transactions(service_id: str, after: int, limit: int) -> Steps[list[StoredTr
             last_attempt_ts=row[9],
             last_error=row[10],
             received_ts=unpack_times(row[11]),
+            stream_ids=unpack_ids(row[12]),
         )
         for row in rows
     ]
@@ -402,7 +448,9 @@ def oldest_transaction(service_id: str) -> Steps[StoredTransaction | None]:
     return found[0] if found else None
 
 
-def complete_transaction(service_id: str, txn_id: int, now: float) -> Steps[None]:
+def complete_transaction(
+    service_id: str, txn_id: int, now: float, attempt: Attempt | None = None
+) -> Steps[None]:
     yield Query(
         "DELETE FROM transactions WHERE service_id = ? AND txn_id = ?",
         (service_id, txn_id),
@@ -414,6 +462,7 @@ def complete_transaction(service_id: str, txn_id: int, now: float) -> Steps[None
         (now, service_id),
         fetch="count",
     )
+    yield from _log_attempt(attempt)
 
 
 def record_failure(
@@ -423,6 +472,7 @@ def record_failure(
     error: str,
     failure_count: int,
     next_retry_ts: float | None,
+    attempt: Attempt | None = None,
 ) -> Steps[None]:
     yield Query(
         "UPDATE transactions SET attempts = attempts + 1,"
@@ -437,39 +487,62 @@ def record_failure(
         (error, failure_count, next_retry_ts, service_id),
         fetch="count",
     )
+    yield from _log_attempt(attempt)
 
 
 # -- rejected transactions: splitting them, and dead letters --
 
 
-def _stream_ids(event_ids: Sequence[str]) -> Steps[dict[str, int]]:
-    """The stream positions of events, by id."""
+def _stream_ids(event_ids: Sequence[str], table: str = "events") -> Steps[dict[str, int]]:
+    """The stream positions of events, by id (of those in ``table``)."""
     found: dict[str, int] = {}
     for start in range(0, len(event_ids), 500):
         chunk = list(event_ids[start : start + 500])
         marks = ",".join("?" * len(chunk))
         rows = yield Query(
-            f"SELECT event_id, stream_id FROM events WHERE event_id IN ({marks})", chunk
+            f"SELECT event_id, stream_id FROM {table} WHERE event_id IN ({marks})", chunk
         )
         found.update(rows)
     return found
 
 
+def _positions(event_ids: Sequence[str], packed: bytes | memoryview | None) -> Steps[list[int]]:
+    """
+    The stream positions of a stored transaction's events (its ``event_ids``, in body
+    order), in that order, from the positions stored with it; from the events' rows for a
+    transaction stored before they were kept (retention keeps those rows while it is
+    stored). By place, not by id: a replay's copy has the id of its original, and both
+    may be in one transaction.
+    """
+    stored = unpack_ids(packed)
+    if len(stored) == len(event_ids):
+        return list(stored)
+    found = yield from _stream_ids(list(event_ids))
+    return [found[e] for e in event_ids]
+
+
 def split_transaction(
-    service_id: str, txn_id: int, parts: Sequence[Sequence[tuple[str, bytes]]], now: float
+    service_id: str,
+    txn_id: int,
+    parts: Sequence[Sequence[tuple[str, bytes]]],
+    now: float,
+    attempt: Attempt | None = None,
 ) -> Steps[list[StoredTransaction]]:
     """
     Replace a stored transaction by several, in order, with new ids: each part is a list
     of ``(event_id, json)``, and the parts are its events, in order (each part keeps their
-    ingest times).
+    ingest times). ``attempt``: the refused attempt that called for it, for the log.
     """
-    positions = yield from _stream_ids([e for part in parts for e, _ in part])
+    yield from _log_attempt(attempt)
+    event_ids = [e for part in parts for e, _ in part]
     deleted = yield Query(
-        "DELETE FROM transactions WHERE service_id = ? AND txn_id = ? RETURNING received_ts",
+        "DELETE FROM transactions WHERE service_id = ? AND txn_id = ?"
+        " RETURNING received_ts, stream_ids",
         (service_id, txn_id),
         fetch="one",
     )
     received = unpack_times(deleted[0] if deleted else None)
+    positions = yield from _positions(event_ids, deleted[1] if deleted else None)
     made = []
     start = 0
     for part in parts:
@@ -479,7 +552,7 @@ def split_transaction(
             (service_id,),
             fetch="one",
         )
-        ids = [positions[e] for e, _ in part]
+        ids = positions[start : start + len(part)]
         txn = StoredTransaction(
             service_id,
             int(row[0]),
@@ -489,6 +562,7 @@ def split_transaction(
             max(ids),
             now,
             received_ts=received[start : start + len(part)],
+            stream_ids=tuple(ids),
         )
         start += len(part)
         yield Query(
@@ -502,6 +576,7 @@ def split_transaction(
                 txn.last_stream_id,
                 now,
                 pack_times(txn.received_ts),
+                pack_ids(txn.stream_ids),
             ),
             fetch="count",
         )
@@ -516,14 +591,27 @@ def dead_letter(
     status: int | None,
     answer: str | None,
     now: float,
+    attempt: Attempt | None = None,
 ) -> Steps[None]:
-    """Set a rejected transaction's events aside as dead letters, and forget it."""
-    positions = yield from _stream_ids([e for e, _ in events])
+    """
+    Set a rejected transaction's events aside as dead letters, and forget it.
+    ``attempt``: the refused attempt, for the log.
+    """
+    yield from _log_attempt(attempt)
+    row = yield Query(
+        "SELECT stream_ids FROM transactions WHERE service_id = ? AND txn_id = ?",
+        (service_id, txn_id),
+        fetch="one",
+    )
+    positions = yield from _positions([e for e, _ in events], row[0] if row else None)
     yield Insert(
         "dead_letters",
         ("service_id", "stream_id", "event_id", "json", "txn_id", "status", "answer", "created_ts"),
         ("text", "bigint", "text", "bytea", "bigint", "integer", "text", "float8"),
-        [(service_id, positions[e], e, j, txn_id, status, answer, now) for e, j in events],
+        [
+            (service_id, position, e, j, txn_id, status, answer, now)
+            for position, (e, j) in zip(positions, events, strict=True)
+        ],
     )
     yield Query(
         "DELETE FROM transactions WHERE service_id = ? AND txn_id = ?",
@@ -584,3 +672,207 @@ def discard(service_id: str, ids: Sequence[int] | None) -> Steps[int]:
 def dead_letter_counts() -> Steps[dict[str, int]]:
     rows = yield Query("SELECT service_id, COUNT(*) FROM dead_letters GROUP BY service_id")
     return {service_id: int(count) for service_id, count in rows}
+
+
+# -- the delivery log: one row per attempt to send a transaction --
+
+_ATTEMPT_COLUMNS = "service_id, txn_id, ts, duration, event_count, status, outcome, error, resend"
+
+
+def _log_attempt(attempt: Attempt | None) -> Steps[None]:
+    """An attempt's row, written by the operation that records its outcome: no commit of its own."""
+    if attempt is None:
+        return
+    yield Query(
+        f"INSERT INTO attempts ({_ATTEMPT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            attempt.service_id,
+            attempt.txn_id,
+            attempt.ts,
+            attempt.duration,
+            attempt.event_count,
+            attempt.status,
+            attempt.outcome,
+            attempt.error,
+            int(attempt.resend),
+        ),
+        fetch="count",
+    )
+
+
+def attempts(
+    service_id: str, before: int | None, limit: int, outcome: str | None
+) -> Steps[list[Attempt]]:
+    """A service's attempts with an id below ``before`` (all: None), newest first."""
+    where = ""
+    params: list[Any] = [service_id]
+    if before is not None:
+        where += " AND id < ?"
+        params.append(before)
+    if outcome is not None:
+        where += " AND outcome = ?"
+        params.append(outcome)
+    rows = yield Query(
+        f"SELECT id, {_ATTEMPT_COLUMNS} FROM attempts WHERE service_id = ?{where}"
+        " ORDER BY id DESC LIMIT ?",
+        [*params, limit],
+    )
+    return [
+        Attempt(
+            service_id=r[1],
+            txn_id=r[2],
+            ts=r[3],
+            duration=r[4],
+            event_count=r[5],
+            status=r[6],
+            outcome=r[7],
+            error=r[8],
+            resend=bool(r[9]),
+            id=r[0],
+        )
+        for r in rows
+    ]
+
+
+#: the oldest (or, ``order`` DESC and ``step`` <, the newest) attempt of each service, by a
+#: skip scan of ``(service_id, id)``: one seek per service. Each step orders by both
+#: columns, which only that index gives, so that PostgreSQL never walks the primary key
+#: in search of a service's row.
+_SERVICE_ENDS = (
+    "WITH RECURSIVE s (id) AS ("
+    " SELECT (SELECT id FROM attempts ORDER BY service_id{order}, id{order} LIMIT 1)"
+    " UNION ALL"
+    " SELECT (SELECT a.id FROM attempts a"
+    " WHERE a.service_id {step} (SELECT b.service_id FROM attempts b WHERE b.id = s.id)"
+    " ORDER BY a.service_id{order}, a.id{order} LIMIT 1)"
+    " FROM s WHERE s.id IS NOT NULL)"
+    " SELECT a.service_id, a.id FROM s JOIN attempts a ON a.id = s.id"
+)
+
+
+def prune_attempts(cutoff_ts: float, per_service: int, limit: int) -> Steps[int]:
+    """
+    Delete at most ``limit`` attempts: those older than ``cutoff_ts``, then, for each
+    service, those beyond its newest ``per_service``; how many.
+
+    Only the two indexes are read, never the whole table. First the primary key, from the
+    oldest id: ids grow with time, so the old rows are the lowest ids, and the oldest row
+    says whether there are any; the deletion stops at the first young row (a row older
+    than one before it, a long request that ended late, goes in a later call). Then
+    ``(service_id, id)``: a skip scan finds each service's oldest and newest id, one seek
+    per service (:data:`_SERVICE_ENDS`). A service whose ids span no more than
+    ``per_service`` cannot hold more rows than that and is left alone; for another one,
+    its newest ``per_service`` index entries are walked to the first row beyond them, and
+    that row and those before it go, oldest first.
+    """
+    deleted = 0
+    oldest = yield Query("SELECT ts FROM attempts ORDER BY id LIMIT 1", fetch="one")
+    if oldest is not None and oldest[0] < cutoff_ts:
+        rows = yield Query("SELECT id, ts FROM attempts ORDER BY id LIMIT ?", (limit,))
+        last = None
+        for id_, ts in rows:
+            if ts >= cutoff_ts:
+                break
+            last = id_
+        if last is not None:
+            deleted += yield Query(
+                "DELETE FROM attempts WHERE id <= ? AND ts < ?", (last, cutoff_ts), fetch="count"
+            )
+    if deleted >= limit:
+        return deleted
+    oldest_ids = yield Query(_SERVICE_ENDS.format(order="", step=">"))
+    newest_ids = dict((yield Query(_SERVICE_ENDS.format(order=" DESC", step="<"))))
+    for service_id, first in oldest_ids:
+        if newest_ids.get(service_id, first) - first + 1 <= per_service:
+            continue
+        beyond = yield Query(
+            "SELECT id FROM attempts WHERE service_id = ? ORDER BY id DESC LIMIT 1 OFFSET ?",
+            (service_id, per_service),
+            fetch="one",
+        )
+        if beyond is None:
+            continue
+        # that row and those before it, oldest first, as many as the limit leaves
+        upto = yield Query(
+            "SELECT id FROM attempts WHERE service_id = ? AND id <= ? ORDER BY id LIMIT 1 OFFSET ?",
+            (service_id, beyond[0], limit - deleted - 1),
+            fetch="one",
+        )
+        deleted += yield Query(
+            "DELETE FROM attempts WHERE service_id = ? AND id BETWEEN ? AND ?",
+            (service_id, first, beyond[0] if upto is None else upto[0]),
+            fetch="count",
+        )
+        if deleted >= limit:
+            break
+    return deleted
+
+
+# -- replay: copies of retained events, queued again for one service --
+
+
+def replay_originals(
+    after: int, up_to: int, from_ts: float | None, to_ts: float | None, limit: int
+) -> Steps[list[StoredEvent]]:
+    """
+    Up to ``limit`` stored events (originals, never a replay's copies) above position
+    ``after`` and up to ``up_to``, in stream order, that arrived from ``from_ts`` to
+    ``to_ts`` (None: no bound). No index has the arrival time: the positions are scanned
+    in order and the times filtered.
+    """
+    where = ""
+    params: list[float] = [after, up_to]
+    if from_ts is not None:
+        where += " AND received_ts >= ?"
+        params.append(from_ts)
+    if to_ts is not None:
+        where += " AND received_ts <= ?"
+        params.append(to_ts)
+    rows = yield Query(
+        f"SELECT {_STORED_COLUMNS} FROM events WHERE stream_id > ? AND stream_id <= ?"
+        f" AND replay_for IS NULL{where} ORDER BY stream_id LIMIT ?",
+        [*params, limit],
+    )
+    return _events(rows)
+
+
+def insert_replay(
+    service_id: str, originals: Sequence[StoredEvent], key: str, now: float
+) -> Steps[None]:
+    """
+    Store a copy of each of ``originals`` for ``service_id`` alone (``replay_for``), at
+    new stream positions after every event stored so far, in their order: the original's
+    JSON and routing fields, arrived ``now``, with an event id of its own that no producer
+    sends, ``replay:{key}:{original position}`` (``key`` is drawn at random for each
+    replay). Under the ingest lock, as ``insert_events``: stream ids commit in order.
+    """
+    yield Lock(INGEST_LOCK)
+    yield Insert(
+        "events",
+        (*_EVENT_COLUMNS, "replay_for"),
+        (*_EVENT_TYPES, "text"),
+        [
+            (
+                f"replay:{key}:{s.stream_id}",
+                r.sender,
+                r.room_id,
+                r.type,
+                r.state_key,
+                s.event.json,
+                now,
+                service_id,
+            )
+            for s in originals
+            for r in (s.event.routing,)
+        ],
+    )
+    yield Notify(EVENTS_CHANNEL)
+
+
+def retention_mark() -> Steps[tuple[int, float | None]]:
+    """
+    How far retention has deleted events: the highest stream position and the latest
+    ingest time of one it deleted (0 and None while it has deleted none).
+    """
+    row = yield Query("SELECT deleted_stream_id, deleted_ts FROM housekeeping", fetch="one")
+    return (int(row[0]), row[1]) if row is not None else (0, None)
