@@ -10,6 +10,10 @@ The ``--plot out.png`` of the benchmarks (``benchmarks.bench``): one PNG of a re
 - the results: the median of every measure, its range over the runs, and its ratio to
   ``raw``.
 
+When the report has a ``soak`` run's samples (:mod:`benchmarks.bench_soak`), it also draws
+:func:`plot_soak` into ``<name>-soak.png`` beside it: the database's size on disk and the
+memory over time, and the events ingested, delivered and deleted a second.
+
 It needs matplotlib (``pip install -e '.[bench]'``), imported only when drawing; it draws
 with the Agg backend, without touching pyplot or any display.
 """
@@ -18,6 +22,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from itertools import pairwise
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -30,8 +36,11 @@ MIN_BIN = 0.1
 CDF_POINTS = 2000
 
 
-def plot(report: dict[str, Any], path: str) -> None:
-    """Draw ``report`` (with its ``series``) into the PNG file ``path``."""
+def plot(report: dict[str, Any], path: str) -> list[str]:
+    """
+    Draw ``report`` (with its ``series``) into the PNG file ``path``, and the soak's
+    samples, if any, into :func:`soak_path`; the files written.
+    """
     try:
         from matplotlib.backends.backend_agg import (
             FigureCanvasAgg,
@@ -52,6 +61,11 @@ def plot(report: dict[str, Any], path: str) -> None:
     draw_latencies(middle, series, colors)
     draw_results(bottom, results)
     figure.savefig(path, format="png", dpi=100)
+    samples = (series.get("soak") or {}).get("samples") or []
+    if not samples:
+        return [path]
+    plot_soak(report, samples, soak_path(path))
+    return [path, soak_path(path)]
 
 
 def scenario_order(results: list[dict[str, Any]], series: dict[str, Any]) -> list[str]:
@@ -236,3 +250,102 @@ def nothing(ax: Axes, text: str) -> None:
     ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="grey")
     ax.set_xticks([])
     ax.set_yticks([])
+
+
+# -- the soak --
+
+#: the share of the soak's time after which its first readings are taken (as
+#: ``benchmarks.bench_soak.WARM_UP``)
+SOAK_WARM_UP = 0.1
+
+
+def soak_path(path: str) -> str:
+    """Where the soak's figure goes: ``bench.png`` -> ``bench-soak.png``."""
+    where = Path(path)
+    return str(where.with_name(f"{where.stem}-soak{where.suffix}"))
+
+
+def soak_rates(samples: Sequence[dict[str, Any]], field: str) -> tuple[list[float], list[float]]:
+    """The sample times and ``field`` a second between each two samples (stairs)."""
+    edges = [float(s["t"]) for s in samples]
+    per_second = [
+        (b[field] - a[field]) / (b["t"] - a["t"]) if b["t"] > a["t"] else 0.0
+        for a, b in pairwise(samples)
+    ]
+    return edges, per_second
+
+
+def plot_soak(report: dict[str, Any], samples: Sequence[dict[str, Any]], path: str) -> None:
+    """Draw the soak's samples into the PNG file ``path``: sizes and rates over time."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(11, 8.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    top, bottom = figure.subplots(2, 1)
+    figure.suptitle(soak_title(report), fontsize=13)
+    draw_soak_sizes(top, samples)
+    draw_soak_rates(bottom, samples)
+    figure.savefig(path, format="png", dpi=100)
+
+
+def soak_title(report: dict[str, Any]) -> str:
+    events = (report.get("config") or {}).get("soak_events")
+    parts = [f"delivery soak: {events:,} events" if isinstance(events, int) else "delivery soak"]
+    settings = ((report.get("series") or {}).get("soak") or {}).get("settings") or {}
+    if "retention" in settings:
+        parts.append(f"retention {settings['retention']:g} s")
+    if settings.get("backlog") is not None:
+        parts.append(f"at most {settings['backlog']:,} ahead of delivery")
+    return "; ".join([*parts, "the last run"])
+
+
+def draw_soak_sizes(ax: Axes, samples: Sequence[dict[str, Any]]) -> None:
+    ax.set_title("The database on disk (file and -wal) and this process's resident memory")
+    ax.set_ylabel("MB")
+    times = [s["t"] for s in samples]
+    disk = [(s["db_bytes"] + s["wal_bytes"]) / 2**20 for s in samples]
+    lines = [
+        ("database and -wal", disk, "C0", 2.0),
+        ("database file", [s["db_bytes"] / 2**20 for s in samples], "C0", 0.8),
+        ("-wal", [s["wal_bytes"] / 2**20 for s in samples], "C2", 0.8),
+        ("resident memory", [s["rss_bytes"] / 2**20 for s in samples], "C3", 1.5),
+    ]
+    for label, values, color, width in lines:
+        style = ":" if width < 1 else "-"
+        ax.plot(times, values, style, color=color, linewidth=width, label=label)
+    end = times[-1]
+    warm = next(i for i, t in enumerate(times) if t >= SOAK_WARM_UP * end)
+    if disk[warm] > 0:
+        growth = 100 * (disk[-1] - disk[warm]) / disk[warm]
+        ax.axvline(times[warm], color="grey", linewidth=0.8, linestyle="--")
+        ax.annotate(
+            f"database: {disk[warm]:,.1f} MB after {SOAK_WARM_UP:.0%} of the run,"
+            f" {disk[-1]:,.1f} MB at the end ({growth:+.1f} %)",
+            (times[warm], disk[warm]),
+            xytext=(6, 8),
+            textcoords="offset points",
+            fontsize=9,
+        )
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize=9)
+
+
+def draw_soak_rates(ax: Axes, samples: Sequence[dict[str, Any]]) -> None:
+    ax.set_title("Events a second: ingested, delivered, deleted by housekeeping")
+    ax.set_xlabel("seconds since the first submit")
+    ax.set_ylabel("events per second")
+    if len(samples) < 2:
+        nothing(ax, "one sample: no rates")
+        return
+    for field, color in (("ingested", "C1"), ("delivered", "C0"), ("deleted", "C4")):
+        edges, per_second = soak_rates(samples, field)
+        total = samples[-1][field]
+        ax.stairs(per_second, edges, color=color, linewidth=1.5, label=f"{field} ({total:,})")
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    ax.yaxis.set_major_formatter(lambda y, _: f"{y:,.0f}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize=9)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.bench import Result, parse_args, ratio, table
+from benchmarks._core import Config, Result
+from benchmarks.bench import parse_args, ratio, table
 
 
 def test_results_go_to_bench_json_unless_told() -> None:
@@ -31,6 +32,14 @@ def test_mistakes_are_named_at_once(
     err = capsys.readouterr().err
     assert message in err
     assert "Traceback" not in err
+
+
+def test_soak_is_a_scenario_of_millions_and_small_when_quick() -> None:
+    assert parse_args(["soak"]).scenarios == ["soak"]
+    common = {"runs": 1, "postgres": "", "workdir": Path(".")}
+    assert Config.sized(False, **common).soak_events == 2_000_000
+    assert Config.sized(True, **common).soak_events == 60_000
+    assert Config.sized(True, soak_events=500, **common).soak_events == 500
 
 
 def test_a_writable_folder_is_accepted(tmp_path: Path) -> None:
