@@ -286,3 +286,46 @@ async def test_bisect_and_redrive_work_after_the_events_around_them_went(
         assert await event_rows(store) == []
     finally:
         await service.stopService()
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)  # (SQLite: one connection)
+@pytest_twisted.ensureDeferred
+async def test_a_move_committed_while_a_batch_reads_keeps_the_event(
+    store: Any, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    An event moves from a dead letter back to a queue (a redrive) in a transaction of its
+    own, on another connection, which commits just after the batch has read the queues:
+    what holds the event is read in one snapshot, so the batch still sees it held.
+    """
+    import psycopg2
+
+    from delivery.store import postgres
+
+    await store.ensure_services(["a"])
+    (s,) = await ingest(store, [1], now=10.0)
+    await store.commit_sorted(s, [("a", s)], ())
+    txn = await store.store_transaction("a", s, s, 1, b"{}", 20.0, [10.0], [s])
+    await store.dead_letter("a", txn, [("$e1", b"{}")], 400, "no", 21.0)
+
+    mover = psycopg2.connect(db_url)
+    cursor = mover.cursor()
+    cursor.execute("INSERT INTO service_queue (service_id, stream_id) VALUES ('a', %s)", (s,))
+    cursor.execute("DELETE FROM dead_letters WHERE service_id = 'a'")
+    execute = postgres._execute
+
+    async def then_commit(cur: Any, op: Any, before: list[str]) -> Any:
+        result = await execute(cur, op, before)
+        if "FROM service_queue" in getattr(op, "sql", "") and not mover.closed:
+            mover.commit()  # the redrive lands between this statement and the next
+            mover.close()
+        return result
+
+    monkeypatch.setattr(postgres, "_execute", then_commit)
+    try:
+        assert await sweep(store, cutoff=50.0, dedupe_cutoff=0.0) == 0
+    finally:
+        if not mover.closed:
+            mover.close()
+    assert await event_rows(store) == ["$e1"]
+    assert [q.stream_id for q in await store.queued("a", 0, 10)] == [s]

@@ -212,3 +212,48 @@ async def test_enabled_after_a_recovery_the_stored_transaction_still_goes_first(
         assert [r.txn_id for r in receiver.requests] == txn_ids(service.store, 1, 1, 2, 2, 3)
     finally:
         await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failure_inside_a_bisection_keeps_stream_order(
+    db_url: str, reactor: Any, receiver: Any
+) -> None:
+    # T1 [e0..e3] is refused and halved into T2 [e0, e1] and T3 [e2, e3]; T2 is refused and
+    # halved into T4 [e0] (a dead letter) and T5 [e1], which fails with 503. T3 has the
+    # lower id but holds later events: the recovery sends T5 first.
+    from .receiver import Answer
+
+    receiver.refuse("$e0", 400)
+    once = [True]
+
+    def e1_alone(request: Any) -> bool:
+        if request.event_ids == ["$e1"] and once:
+            once.clear()
+            return True
+        return False
+
+    receiver.rules.append((e1_alone, Answer(503)))
+    regs = [
+        registration(
+            "a",
+            receiver.url,
+            users=".*",
+            max_events=4,
+            reject_attempts=1,
+            initial_delay=1,
+            max_delay=1,
+            probe=False,
+        )
+    ]
+    service, recorder, clock = make_service(open_store(db_url, reactor), regs, reactor)
+    service.startService()
+    try:
+        await service.submit([event(n) for n in range(4)])
+        await recorder.wait_for_state("a", "down")
+        up = recorder.wait_for_state("a", "up")
+        clock.advance(1.2)
+        await up
+        await receiver.wait_for(lambda: len(receiver.event_ids) >= 3)
+        assert receiver.event_ids == ["$e1", "$e2", "$e3"]
+    finally:
+        await service.stopService()

@@ -82,21 +82,21 @@ def delete_events(
     if not rows:
         return 0, None
     lo, hi = rows[0][0], rows[-1][0]
-    # Each service's queue rows in the range, through the (service_id, stream_id) key.
-    queued = yield Query(
-        "SELECT stream_id FROM service_queue WHERE service_id IN (SELECT service_id FROM"
-        " services) AND stream_id BETWEEN ? AND ?",
-        (lo, hi),
-    )
-    dead = yield Query(
-        "SELECT stream_id FROM dead_letters WHERE stream_id BETWEEN ? AND ?", (lo, hi)
-    )
-    ranges = yield Query(
-        "SELECT first_stream_id, last_stream_id FROM transactions"
+    # What holds an event in the range, read in one statement (one snapshot): an event
+    # moves from a queue to a stored transaction to a dead letter and back to a queue in
+    # transactions of their own, and reads one after the other could miss it in between.
+    # Each service's queue rows are found through the (service_id, stream_id) key.
+    holders = yield Query(
+        "SELECT stream_id, stream_id FROM service_queue WHERE service_id IN (SELECT"
+        " service_id FROM services) AND stream_id BETWEEN ? AND ?"
+        " UNION ALL SELECT stream_id, stream_id FROM dead_letters"
+        " WHERE stream_id BETWEEN ? AND ?"
+        " UNION ALL SELECT first_stream_id, last_stream_id FROM transactions"
         " WHERE first_stream_id <= ? AND last_stream_id >= ?",
-        (hi, lo),
+        (lo, hi, lo, hi, hi, lo),
     )
-    needed = {r[0] for r in queued} | {r[0] for r in dead}
+    needed = {a for a, b in holders if a == b}
+    ranges = [(a, b) for a, b in holders if a != b]
     doomed: list[tuple[int, str, float]] = []
     copies: list[int] = []
     cursor: int | None = hi if len(rows) == limit else None

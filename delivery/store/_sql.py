@@ -34,11 +34,14 @@ T = TypeVar("T")
 
 @attrs.frozen
 class Query:
-    """One statement; its result is every row, the first row, or the count of rows changed."""
+    """
+    One statement; its result is every row, the first row, the count of rows changed, or
+    nothing (``none``: a store may send it with the next statement, a round trip less).
+    """
 
     sql: str
     params: Sequence[Any] = ()
-    fetch: Literal["all", "one", "count"] = "all"
+    fetch: Literal["all", "one", "count", "none"] = "all"
 
 
 @attrs.frozen
@@ -128,10 +131,22 @@ def insert_events(events: Sequence[Event], now: float) -> Steps[Ingested]:
     # Stream ids are given out and committed in one order: the sorter never finds a lower
     # id committed after a higher one it has routed already.
     yield Lock(INGEST_LOCK)
-    (after,) = yield Query("SELECT coalesce(max(stream_id), 0) FROM events", fetch="one")
     event_ids = list(dict.fromkeys(e.event_id for e in events))
-    # Ids whose payload housekeeping has deleted, within the dedupe window: resubmits.
-    seen = yield from _stream_ids(event_ids, "seen_events")
+    # The highest position before the batch, and the ids whose payload housekeeping has
+    # deleted within the dedupe window (resubmits), in one statement for a batch of up to
+    # 500 ids (the row of the former has no id).
+    first, rest = event_ids[:500], event_ids[500:]
+    sql = "SELECT coalesce(max(stream_id), 0), NULL FROM events"
+    if first:
+        sql += (
+            " UNION ALL SELECT stream_id, event_id FROM seen_events"
+            f" WHERE event_id IN ({','.join('?' * len(first))})"
+        )
+    rows = yield Query(sql, first)
+    after = next(position for position, event_id in rows if event_id is None)
+    seen = {event_id: position for position, event_id in rows if event_id is not None}
+    if rest:
+        seen.update((yield from _stream_ids(rest, "seen_events")))
     yield Insert(
         "events",
         _EVENT_COLUMNS,
@@ -227,7 +242,7 @@ def commit_sorted(
         )
     if queue:
         yield Insert("service_queue", ("service_id", "stream_id"), ("text", "bigint"), queue)
-    yield Query("UPDATE sorter_position SET stream_id = ?", (position,), fetch="count")
+    yield Query("UPDATE sorter_position SET stream_id = ?", (position,), fetch="none")
 
 
 def sorter_lag() -> Steps[tuple[int, float | None]]:
@@ -268,7 +283,7 @@ def services(only: str | None = None) -> Steps[dict[str, ServiceRecord]]:
 
 def set_state(service_id: str, state: str) -> Steps[None]:
     yield Query(
-        "UPDATE services SET state = ? WHERE service_id = ?", (state, service_id), fetch="count"
+        "UPDATE services SET state = ? WHERE service_id = ?", (state, service_id), fetch="none"
     )
 
 
@@ -412,7 +427,7 @@ def store_transaction(
             pack_times(received_ts),
             pack_ids(stream_ids),
         ),
-        fetch="count",
+        fetch="none",
     )
     return txn_id
 
@@ -423,6 +438,10 @@ def transactions(service_id: str, after: int, limit: int) -> Steps[list[StoredTr
         " ORDER BY txn_id LIMIT ?",
         (service_id, after, limit),
     )
+    return _transactions(rows)
+
+
+def _transactions(rows: Sequence[Sequence[Any]]) -> list[StoredTransaction]:
     return [
         StoredTransaction(
             row[0],
@@ -444,7 +463,18 @@ def transactions(service_id: str, after: int, limit: int) -> Steps[list[StoredTr
 
 
 def oldest_transaction(service_id: str) -> Steps[StoredTransaction | None]:
-    found = yield from transactions(service_id, 0, 1)
+    """
+    The stored transaction to send first: the one holding the earliest events. That is
+    the one with the lowest id, except after a bisection that failed part-way: its parts
+    get their ids as they are made, depth first, so a later half made early can have a
+    lower id than the halves of the half before it, and must wait for them.
+    """
+    rows = yield Query(
+        f"SELECT {_TXN_COLUMNS} FROM transactions WHERE service_id = ?"
+        " ORDER BY first_stream_id, txn_id LIMIT 1",
+        (service_id,),
+    )
+    found = _transactions(rows)
     return found[0] if found else None
 
 
@@ -454,13 +484,13 @@ def complete_transaction(
     yield Query(
         "DELETE FROM transactions WHERE service_id = ? AND txn_id = ?",
         (service_id, txn_id),
-        fetch="count",
+        fetch="none",
     )
     yield Query(
         "UPDATE services SET last_success_ts = ?, failure_count = 0, next_retry_ts = NULL"
         " WHERE service_id = ?",
         (now, service_id),
-        fetch="count",
+        fetch="none",
     )
     yield from _log_attempt(attempt)
 
@@ -479,13 +509,13 @@ def record_failure(
         " first_attempt_ts = COALESCE(first_attempt_ts, ?), last_attempt_ts = ?,"
         " last_error = ? WHERE service_id = ? AND txn_id = ?",
         (attempt_ts, attempt_ts, error, service_id, txn_id),
-        fetch="count",
+        fetch="none",
     )
     yield Query(
         "UPDATE services SET last_error = ?, failure_count = ?, next_retry_ts = ?"
         " WHERE service_id = ?",
         (error, failure_count, next_retry_ts, service_id),
-        fetch="count",
+        fetch="none",
     )
     yield from _log_attempt(attempt)
 
@@ -696,7 +726,7 @@ def _log_attempt(attempt: Attempt | None) -> Steps[None]:
             attempt.error,
             int(attempt.resend),
         ),
-        fetch="count",
+        fetch="none",
     )
 
 

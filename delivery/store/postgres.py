@@ -147,8 +147,8 @@ async def drive(cursor: Any, steps: _sql.Steps[T]) -> tuple[T, bool]:
     """
     Run an operation's statements on a txpostgres cursor, in one transaction that this
     begins and commits: its value, and whether it wrote. Statements whose results are not
-    needed (``BEGIN``, locks, ``NOTIFY``, ``COMMIT``) travel with the next one: a round
-    trip less each.
+    needed (``BEGIN``, locks, ``NOTIFY``, queries fetching ``none``, ``COMMIT``) travel
+    with the next one: a round trip less each.
     """
     before = ["BEGIN"]
     wrote = False
@@ -156,7 +156,12 @@ async def drive(cursor: Any, steps: _sql.Steps[T]) -> tuple[T, bool]:
         op = next(steps)
         while True:
             wrote = wrote or _writes(op)
-            if isinstance(op, _sql.Lock):
+            if isinstance(op, _sql.Query) and op.fetch == "none":
+                # (interpolated here, as psycopg2 does for every statement it sends)
+                sql = cursor.mogrify(op.sql.replace("?", "%s"), tuple(op.params))
+                before.append(sql.decode())
+                result = None
+            elif isinstance(op, _sql.Lock):
                 before.append(f"SELECT pg_advisory_xact_lock({int(op.key)})")
                 result = None
             elif isinstance(op, _sql.Notify):

@@ -80,7 +80,7 @@ def _execute(cursor: Any, op: _sql.Op) -> Any:
             return cursor.fetchall()
         if op.fetch == "one":
             return cursor.fetchone()
-        return cursor.rowcount
+        return cursor.rowcount if op.fetch == "count" else None
     if isinstance(op, _sql.Insert):
         if op.rows:
             marks = ", ".join("?" * len(op.columns))
