@@ -30,9 +30,9 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 
@@ -40,6 +40,8 @@ from .config import Config, check, load_config
 from .errors import DeliveryError
 from .records import OUTCOMES
 from .store import redact_url
+
+T = TypeVar("T")
 
 #: the configuration a subcommand reads when it is given none
 DEFAULT_CONFIG = "delivery.yaml"
@@ -241,32 +243,60 @@ def _admin_token_source(path: str) -> str:
 
 
 def _status(path: str, url: str | None, raw: bool, now: float) -> None:
+    body, services = _ask(path, url, "/v1/services", lambda body: body["services"])
+    if raw:
+        print(json.dumps(body, indent=2))
+        return
+    print(status_table(services, now), end="")
+
+
+def _ask(
+    path: str,
+    url: str | None,
+    route: str,
+    read: Callable[[Any], T],
+    *,
+    data: Any = None,
+    timeout: float = STATUS_TIMEOUT,
+    explained: Sequence[int] = (),
+) -> tuple[Any, T]:
+    """
+    Ask the daemon of the configuration at ``path`` (at its ``listen``, or ``url``) for
+    ``route`` with the admin token (a POST of ``data`` as JSON when given): its answer,
+    and what ``read`` takes from it. Every failure is one line: a refused token, an answer
+    of a status in ``explained`` (the daemon's error says what is wrong with the request),
+    another status, no daemon, or an answer not shaped as a daemon's.
+    """
     config = _status_config(path)
     url = (url or base_url(config.listen) or "").rstrip("/")
     if not url:
         raise _Failed(f"cannot tell a URL from listen: {config.listen} in {path}; pass --url")
+    headers = {"Authorization": f"Bearer {config.admin_token}"}
+    if data is not None:
+        headers["Content-Type"] = "application/json"
     request = urllib.request.Request(
-        f"{url}/v1/services", headers={"Authorization": f"Bearer {config.admin_token}"}
+        f"{url}{route}",
+        data=None if data is None else json.dumps(data).encode(),
+        method="GET" if data is None else "POST",
+        headers=headers,
     )
     try:
-        with urllib.request.urlopen(request, timeout=STATUS_TIMEOUT) as answer:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
             body: Any = json.load(answer)
-        services = body["services"]
+        return body, read(body)
     except urllib.error.HTTPError as e:
         if e.code in (401, 403):
             raise _Failed(
                 f"the admin token was refused (HTTP {e.code}): check {_admin_token_source(path)}"
             ) from None
+        if e.code in explained:
+            raise _Failed(_error_text(e.read())) from None
         raise _Failed(f"{url} answered HTTP {e.code}: {_error_text(e.read())}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         reason = getattr(e, "reason", None) or e
         raise _Failed(f"no daemon answers at {url}: is it running? ({reason})") from None
     except (ValueError, KeyError, TypeError):
         raise _Failed(f"{url} did not answer as a delivery daemon does: is it one?") from None
-    if raw:
-        print(json.dumps(body, indent=2))
-        return
-    print(status_table(services, now), end="")
 
 
 def _error_text(body: bytes) -> str:
@@ -311,12 +341,17 @@ def status_table(services: Sequence[Mapping[str, Any]], now: float) -> str:
                 " ".join(str(s.get("last_error") or "").split()),
             ]
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
+    return _table(rows, _COLUMNS)
+
+
+def _table(rows: Sequence[Sequence[str]], columns: Sequence[tuple[str, bool]]) -> str:
+    """Rows of cells as aligned text, each column padded to its widest cell (right: ``True``)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
     lines = []
     for row in rows:
         cells = [
             cell.rjust(width) if right else cell.ljust(width)
-            for cell, width, (_, right) in zip(row, widths, _COLUMNS, strict=True)
+            for cell, width, (_, right) in zip(row, widths, columns, strict=True)
         ]
         lines.append("  ".join(cells).rstrip() + "\n")
     return "".join(lines)
@@ -388,37 +423,15 @@ def _replay_body(command: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
 
 def _replay(path: str, url: str | None, service: str, body: dict[str, Any], raw: bool) -> None:
-    config = _status_config(path)
-    url = (url or base_url(config.listen) or "").rstrip("/")
-    if not url:
-        raise _Failed(f"cannot tell a URL from listen: {config.listen} in {path}; pass --url")
-    request = urllib.request.Request(
-        f"{url}/v1/services/{urllib.parse.quote(service, safe='')}/replay",
-        data=json.dumps(body).encode(),
-        method="POST",
-        headers={
-            "Authorization": f"Bearer {config.admin_token}",
-            "Content-Type": "application/json",
-        },
+    result, (queued, first, last, partly_deleted) = _ask(
+        path,
+        url,
+        f"/v1/services/{urllib.parse.quote(service, safe='')}/replay",
+        lambda r: (r["queued"], r["first_stream_id"], r["last_stream_id"], r["partly_deleted"]),
+        data=body,
+        timeout=REPLAY_TIMEOUT,
+        explained=(400, 404, 409),
     )
-    try:
-        with urllib.request.urlopen(request, timeout=REPLAY_TIMEOUT) as answer:
-            result: Any = json.load(answer)
-        queued, first, last = result["queued"], result["first_stream_id"], result["last_stream_id"]
-        partly_deleted = result["partly_deleted"]
-    except urllib.error.HTTPError as e:
-        if e.code in (401, 403):
-            raise _Failed(
-                f"the admin token was refused (HTTP {e.code}): check {_admin_token_source(path)}"
-            ) from None
-        if e.code in (400, 404, 409):  # the daemon says what is wrong with the request
-            raise _Failed(_error_text(e.read())) from None
-        raise _Failed(f"{url} answered HTTP {e.code}: {_error_text(e.read())}") from None
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-        reason = getattr(e, "reason", None) or e
-        raise _Failed(f"no daemon answers at {url}: is it running? ({reason})") from None
-    except (ValueError, KeyError, TypeError):
-        raise _Failed(f"{url} did not answer as a delivery daemon does: is it one?") from None
     if raw:
         print(json.dumps(result, indent=2))
         return
@@ -476,33 +489,14 @@ def _attempts_query(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _attempts(path: str, url: str | None, service: str, query: dict[str, Any], raw: bool) -> None:
-    config = _status_config(path)
-    url = (url or base_url(config.listen) or "").rstrip("/")
-    if not url:
-        raise _Failed(f"cannot tell a URL from listen: {config.listen} in {path}; pass --url")
-    request = urllib.request.Request(
-        f"{url}/v1/services/{urllib.parse.quote(service, safe='')}/attempts"
+    body, (found, older, table) = _ask(
+        path,
+        url,
+        f"/v1/services/{urllib.parse.quote(service, safe='')}/attempts"
         f"?{urllib.parse.urlencode(query)}",
-        headers={"Authorization": f"Bearer {config.admin_token}"},
+        lambda b: (b["attempts"], b["next_before"], attempts_table(b["attempts"])),
+        explained=(400, 404),
     )
-    try:
-        with urllib.request.urlopen(request, timeout=STATUS_TIMEOUT) as answer:
-            body: Any = json.load(answer)
-        found, older = body["attempts"], body["next_before"]
-        table = attempts_table(found)
-    except urllib.error.HTTPError as e:
-        if e.code in (401, 403):
-            raise _Failed(
-                f"the admin token was refused (HTTP {e.code}): check {_admin_token_source(path)}"
-            ) from None
-        if e.code in (400, 404):  # the daemon says what is wrong with the request
-            raise _Failed(_error_text(e.read())) from None
-        raise _Failed(f"{url} answered HTTP {e.code}: {_error_text(e.read())}") from None
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-        reason = getattr(e, "reason", None) or e
-        raise _Failed(f"no daemon answers at {url}: is it running? ({reason})") from None
-    except (ValueError, KeyError, TypeError):
-        raise _Failed(f"{url} did not answer as a delivery daemon does: is it one?") from None
     if raw:
         print(json.dumps(body, indent=2))
         return
@@ -549,15 +543,7 @@ def attempts_table(attempts: Sequence[Mapping[str, Any]]) -> str:
                 " ".join(str(a.get("error") or "").split()),
             ]
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_ATTEMPT_COLUMNS))]
-    lines = []
-    for row in rows:
-        cells = [
-            cell.rjust(width) if right else cell.ljust(width)
-            for cell, width, (_, right) in zip(row, widths, _ATTEMPT_COLUMNS, strict=True)
-        ]
-        lines.append("  ".join(cells).rstrip() + "\n")
-    return "".join(lines)
+    return _table(rows, _ATTEMPT_COLUMNS)
 
 
 if __name__ == "__main__":
