@@ -54,8 +54,7 @@ from typing import IO, Any
 import attrs
 
 from .crash_child import ServiceSpec
-from .daemon_harness import INGEST, write_config, write_registration
-from .test_sigkill import (
+from .crashlog import (
     Receipt,
     ReceiverLog,
     check_child_logs,
@@ -67,8 +66,10 @@ from .test_sigkill import (
     check_resends,
     check_txn_ids,
     spawn_receiver,
+    stop_process,
     wants,
 )
+from .daemon_harness import INGEST, write_config, write_registration
 
 ROOT = Path(__file__).resolve().parent.parent
 TWISTD = str(Path(sys.executable).with_name("twistd"))
@@ -124,17 +125,14 @@ class ChaosLog(ReceiverLog):
     def _add(self, record: dict[str, Any]) -> None:
         answer = record.get("answer", record["kind"])
         self.answers[re.sub(r"slow \S+ s", "slow", answer)] += 1
-        if record["kind"] != "txn":
-            self.others.append(record)
-            return
-        fields = ("seq", "service", "txn", "sha256", "body", "delay")
-        receipt = Receipt(*(record[f] for f in fields))
-        self.receipts.append(receipt)
+        super()._add(record)
+
+    def _took(self, record: dict[str, Any], receipt: Receipt) -> bool:
+        """Whether the request was answered with a success (only those count as received)."""
         self.held.append(receipt.delay >= 0.05 or record["answer"].startswith("hang"))
         if record["accepts"]:
             self.accepted.append(receipt)
-            got = self.received.setdefault(receipt.service, set())
-            got.update(self._index.get(e["event_id"], -1) for e in receipt.events)
+        return bool(record["accepts"])
 
 
 # -- the verdict --
@@ -623,12 +621,7 @@ class Chaos:
         self.ingester.stopping.set()
         for daemon in self.runs:
             daemon.kill()
-        if self.receiver.poll() is None:
-            self.receiver.kill()
-            self.receiver.wait()
-        if self.receiver.stdout is not None:
-            self.receiver.stdout.close()
-        self._receiver_stderr.close()
+        stop_process(self.receiver, self._receiver_stderr)
         self.ingester.join(15)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -39,6 +39,8 @@ class ServiceSpec:
     users: str | None = None
     rooms: str | None = None
     max_events: int = 100
+    #: failed attempts before the events a service refuses are isolated (the default)
+    reject_attempts: int = 3
 
 
 #: Overlapping interests: ``a`` wants senders starting with ``@a``, ``b`` wants the room
@@ -66,8 +68,10 @@ def make_event(index: int) -> dict[str, Any]:
     }
 
 
-def registrations(urls: Mapping[str, str]) -> list[Registration]:
-    """The services of :data:`SERVICES`, sending to ``urls[service id]``, retrying fast."""
+def registrations(
+    urls: Mapping[str, str], services: Sequence[ServiceSpec] = SERVICES
+) -> list[Registration]:
+    """The ``services``, sending to ``urls[service id]``, retrying fast."""
     return [
         registration(
             spec.id,
@@ -75,12 +79,13 @@ def registrations(urls: Mapping[str, str]) -> list[Registration]:
             users=spec.users,
             rooms=spec.rooms,
             max_events=spec.max_events,
+            reject_attempts=spec.reject_attempts,
             initial_delay=0.05,
             max_delay=0.5,
             probe_interval=0.2,
             request_timeout=10.0,
         )
-        for spec in SERVICES
+        for spec in services
     ]
 
 
@@ -103,33 +108,63 @@ async def run(reactor: Any, options: argparse.Namespace) -> None:
     )
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    await submit_all(reactor, service, options, make_event)
+
+
+async def submit_all(
+    reactor: Any,
+    service: DeliveryService,
+    options: argparse.Namespace,
+    event: Callable[[int], dict[str, Any]],
+    again: int = 0,
+) -> None:
+    """
+    Submit events ``--start`` to ``--count - 1`` in batches, ``--pause`` seconds apart
+    (those below ``again`` back to back), announcing each batch once acknowledged; then
+    announce ``DONE`` and keep delivering until killed, or stopped by SIGTERM.
+    """
     for first in range(options.start, options.count, options.batch):
         indices = range(first, min(first + options.batch, options.count))
-        positions = await service.submit([make_event(i) for i in indices])
+        positions = await service.submit([event(i) for i in indices])
         announce(f"ACKED {indices[-1]} {','.join(map(str, positions))}")
-        if options.pause:
+        if options.pause and indices[-1] >= again:
             await task.deferLater(reactor, options.pause)
     announce(f"DONE {options.count}")
-    # Keep delivering until killed, or stopped by SIGTERM.
     await Deferred()
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parser(doc: str | None, urls: str, count: int) -> argparse.ArgumentParser:
+    """
+    The options of a crash test's child (``doc``: its module's docstring; ``urls``: the
+    services' URLs, as an example; ``count``: events in the stream by default).
+    """
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
     parser.add_argument("--db", required=True, help="the database URL")
-    parser.add_argument("--urls", required=True, help="a=URL,b=URL,c=URL")
+    parser.add_argument("--urls", required=True, help=urls)
     parser.add_argument("--start", type=int, default=0, help="first event to submit")
-    parser.add_argument("--count", type=int, default=5000, help="events in the stream")
+    parser.add_argument("--count", type=int, default=count, help="events in the stream")
     parser.add_argument("--batch", type=int, default=20, help="events per submit()")
     parser.add_argument("--pause", type=float, default=0.0, help="seconds between submits")
-    parser.add_argument("--poll-interval", type=float, default=0.05)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser_ = parser(__doc__, "a=URL,b=URL,c=URL", 5000)
+    parser_.add_argument("--poll-interval", type=float, default=0.05)
+    return parser_.parse_args(argv)
+
+
+def launch(
+    run: Callable[[Any, argparse.Namespace], Coroutine[Any, Any, None]],
+    options: argparse.Namespace,
+) -> None:
+    """Log to stderr, and ``run(reactor, options)`` until it ends or the reactor stops."""
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+    task.react(run, [options])
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    options = parse_args(sys.argv[1:] if argv is None else argv)
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
-    task.react(run, [options])
+    launch(run, parse_args(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -28,18 +28,17 @@ import argparse
 import random
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import attrs
 from twisted.internet import task
 from twisted.internet.defer import Deferred
-from twisted.logger import globalLogBeginner, textFileLogObserver
 
-from delivery import DeliveryService, Housekeeping, IStore, Registration
+from delivery import DeliveryService, Housekeeping, IStore
 from delivery.store import open_store
 
-from .harness import registration
+from . import crash_child
+from .crash_child import ServiceSpec, announce, parse_urls, registrations, submit_all
 
 #: what the child's housekeeping keeps: payloads 1 s, ids 5 s (longer than a restart takes,
 #: so that an event submitted again after a kill is still recognised), the delivery log
@@ -56,17 +55,6 @@ HOUSEKEEPING = Housekeeping(
 
 #: the store operations that are housekeeping batches, announced before and after
 BATCHES = ("delete_events", "prune_seen", "prune_attempts")
-
-
-@attrs.frozen
-class ServiceSpec:
-    """One application service of the test and the namespaces it registers."""
-
-    id: str
-    users: str | None = None
-    rooms: str | None = None
-    max_events: int = 100
-    reject_attempts: int = 3
 
 
 #: ``up`` wants every sender but ``@nobody``, ``down`` (answered 503 until the test lets it
@@ -97,30 +85,6 @@ def make_event(index: int) -> dict[str, Any]:
 def poisoned(index: int) -> bool:
     """Whether ``picky`` refuses event ``index`` on its own (until the test fixes it)."""
     return index % 29 == 11
-
-
-def registrations(urls: Mapping[str, str]) -> list[Registration]:
-    """The services of :data:`SERVICES`, sending to ``urls[service id]``, retrying fast."""
-    return [
-        registration(
-            spec.id,
-            urls[spec.id],
-            users=spec.users,
-            rooms=spec.rooms,
-            max_events=spec.max_events,
-            reject_attempts=spec.reject_attempts,
-            initial_delay=0.05,
-            max_delay=0.5,
-            probe_interval=0.2,
-            request_timeout=10.0,
-        )
-        for spec in SERVICES
-    ]
-
-
-def announce(line: str) -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
 
 
 #: fired (and emptied) as the next pass of housekeeping ends its last batch
@@ -155,15 +119,10 @@ def announce_batches(store: IStore) -> IStore:
     return store
 
 
-def parse_urls(text: str) -> dict[str, str]:
-    """``a=URL,b=URL`` as a mapping."""
-    return dict(item.split("=", 1) for item in text.split(","))
-
-
 async def run(reactor: Any, options: argparse.Namespace) -> None:
     service = DeliveryService(
         announce_batches(open_store(options.db, reactor)),
-        registrations(parse_urls(options.urls)),
+        registrations(parse_urls(options.urls), SERVICES),
         reactor=reactor,
         poll_interval=0.05,
         housekeeping=HOUSEKEEPING,
@@ -173,15 +132,8 @@ async def run(reactor: Any, options: argparse.Namespace) -> None:
     if options.redrive:
         await service.started()
         announce(f"REDRIVEN {await redrive(reactor, service, options)}")
-    for first in range(options.start, options.count, options.batch):
-        indices = range(first, min(first + options.batch, options.count))
-        positions = await service.submit([make_event(i) for i in indices])
-        announce(f"ACKED {indices[-1]} {','.join(map(str, positions))}")
-        if options.pause and indices[-1] >= options.again:
-            await task.deferLater(reactor, options.pause)
-    announce(f"DONE {options.count}")
-    # Keep delivering (and housekeeping) until killed, or stopped by SIGTERM.
-    await Deferred()
+    # (and keep delivering, and housekeeping, until killed or stopped by SIGTERM)
+    await submit_all(reactor, service, options, make_event, again=options.again)
 
 
 async def redrive(reactor: Any, service: DeliveryService, options: argparse.Namespace) -> int:
@@ -208,13 +160,7 @@ async def redrive(reactor: Any, service: DeliveryService, options: argparse.Name
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--db", required=True, help="the database URL")
-    parser.add_argument("--urls", required=True, help="up=URL,down=URL,picky=URL")
-    parser.add_argument("--start", type=int, default=0, help="first event to submit")
-    parser.add_argument("--count", type=int, default=2400, help="events in the stream")
-    parser.add_argument("--batch", type=int, default=20, help="events per submit()")
-    parser.add_argument("--pause", type=float, default=0.0, help="seconds between submits")
+    parser = crash_child.parser(__doc__, "up=URL,down=URL,picky=URL", 2400)
     parser.add_argument("--again", type=int, default=0, help="no pause before this event")
     parser.add_argument("--redrive", default=None, help="redrive this service's dead letters")
     parser.add_argument("--seed", type=int, default=0, help="seed of the redrive's moments")
@@ -222,9 +168,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    options = parse_args(sys.argv[1:] if argv is None else argv)
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
-    task.react(run, [options])
+    crash_child.launch(run, parse_args(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -25,21 +25,18 @@ refused one too, with its status); a ping's ``{"seq", "service", "kind": "ping",
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import random
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import task
-from twisted.internet.defer import Deferred
-from twisted.web import resource, server
+from twisted.web import server
 
+from . import receiver_process
 from .housekeeping_child import poisoned
-from .receiver import HS_TOKEN
-from .receiver_process import PING_PATH, TXN_PREFIX, Delays, Log, transaction_error
+from .receiver_process import Delays, Log
 
 
 class Failing:
@@ -56,10 +53,8 @@ class Failing:
         return self._until is not None and self._until.exists()
 
 
-class ServiceEndpoint(resource.Resource):
-    """What one service's port answers."""
-
-    isLeaf = True
+class ServiceEndpoint(receiver_process.ServiceEndpoint):
+    """What one service's port answers: that of ``tests.receiver_process``, or a failure."""
 
     def __init__(
         self,
@@ -71,52 +66,25 @@ class ServiceEndpoint(resource.Resource):
         picky: Failing,
         fixed_delay: float = 0.0,
     ) -> None:
-        super().__init__()
-        self.service_id = service_id
-        self._log = log
-        self._delays = delays
-        self._reactor = reactor
+        super().__init__(service_id, log, delays, reactor)
         self._down = down
         self._picky = picky
         self._fixed_delay = fixed_delay
 
-    def render(self, request: server.Request) -> bytes | int:
-        path = request.path.decode("utf-8", "replace")
-        method = request.method.decode("ascii", "replace")
-        body = request.content.read() if request.content is not None else b""
-        authorization = request.getHeader("authorization")
-        if authorization != f"Bearer {HS_TOKEN}":
-            return self._refuse(
-                request, 403, f"{method} {path}: bad authorization {authorization!r}"
-            )
-        if method == "POST" and path == PING_PATH:
-            status = 503 if self._down.now() else 200
-            self._log.write({"service": self.service_id, "kind": "ping", "status": status})
-            return self._answer(request, status)
-        if method != "PUT" or not path.startswith(TXN_PREFIX):
-            return self._refuse(request, 404, f"{method} {path}: not an AS API endpoint")
-        error = transaction_error(body)
-        if error is not None:
-            return self._refuse(request, 400, f"{path}: {error}")
+    def _ping(self, request: server.Request) -> bytes:
+        status = 503 if self._down.now() else 200
+        self._log.write({"service": self.service_id, "kind": "ping", "status": status})
+        return self._answer(request, status)
+
+    def _verdict(self, body: bytes) -> tuple[int, float]:
         status = self._status(json.loads(body)["events"])
         delay = self._delays.next() if status == 200 else 0.0
         if status == 200 and self._picky.fixed():
             delay = self._fixed_delay
-        self._log.write(
-            {
-                "service": self.service_id,
-                "kind": "txn",
-                "txn": path[len(TXN_PREFIX) :],
-                "sha256": hashlib.sha256(body).hexdigest(),
-                "body": body.decode("utf-8"),
-                "delay": delay,
-                "status": status,
-            }
-        )
-        if not delay:
-            return self._answer(request, status)
-        self._answer_later(request, delay)
-        return server.NOT_DONE_YET
+        return status, delay
+
+    def _logged(self, status: int) -> dict[str, Any]:
+        return {"status": status}
 
     def _status(self, events: list[dict[str, Any]]) -> int:
         if self._down.now():
@@ -133,62 +101,33 @@ class ServiceEndpoint(resource.Resource):
             return b'{"errcode": "M_BAD_JSON", "error": "an event this service refuses"}'
         return b"{}"
 
-    def _refuse(self, request: server.Request, status: int, error: str) -> bytes:
-        self._log.write({"service": self.service_id, "kind": "error", "error": error})
-        request.setResponseCode(status)
-        return json.dumps({"errcode": "M_UNKNOWN", "error": error}).encode()
-
-    def _answer_later(self, request: server.Request, delay: float) -> None:
-        gone: list[bool] = []
-        request.notifyFinish().addErrback(lambda _: gone.append(True))
-
-        def answer() -> None:
-            if not gone:
-                request.write(b"{}")
-                request.finish()
-
-        self._reactor.callLater(delay, answer)
-
 
 async def run(reactor: Any, options: argparse.Namespace) -> None:
-    delays = Delays(random.Random(options.seed), options.slow, options.hold)
     down = set(options.down.split(",")) if options.down else set()
     picky = set(options.picky.split(",")) if options.picky else set()
     never = Failing(None)
-    with open(options.log, "a", encoding="utf-8") as out:
-        log = Log(out)
-        ports: dict[str, int] = {}
-        for service_id in options.services.split(","):
-            endpoint = ServiceEndpoint(
-                service_id,
-                log,
-                delays,
-                reactor,
-                Failing(Path(options.recover)) if service_id in down else never,
-                Failing(Path(options.fixed)) if service_id in picky else never,
-                options.fixed_delay,
-            )
-            site = server.Site(endpoint)
-            site.noisy = False
-            ports[service_id] = reactor.listenTCP(0, site, interface="127.0.0.1").getHost().port
-        sys.stdout.write(json.dumps(ports) + "\n")
-        sys.stdout.flush()
-        # Serve until SIGTERM stops the reactor.
-        await Deferred()
+
+    def endpoint(service_id: str, log: Log, delays: Delays) -> ServiceEndpoint:
+        return ServiceEndpoint(
+            service_id,
+            log,
+            delays,
+            reactor,
+            Failing(Path(options.recover)) if service_id in down else never,
+            Failing(Path(options.fixed)) if service_id in picky else never,
+            options.fixed_delay,
+        )
+
+    await receiver_process.serve(reactor, options, endpoint)
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--log", required=True, help="append one JSON line a request here")
-    parser.add_argument("--services", required=True, help="service ids, one port each")
+    parser = receiver_process.parser(__doc__)
     parser.add_argument("--down", default="", help="services answering 503 until --recover")
     parser.add_argument("--recover", default="recovered", help="the file that ends --down")
     parser.add_argument("--picky", default="", help="services refusing poisoned events")
     parser.add_argument("--fixed", default="fixed", help="the file that ends --picky")
     parser.add_argument("--fixed-delay", type=float, default=0.0, help="answers held then")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the answer delays")
-    parser.add_argument("--slow", type=float, default=0.3, help="share answered in 1-8 ms")
-    parser.add_argument("--hold", type=float, default=0.04, help="share held 50-120 ms")
     return parser.parse_args(argv)
 
 

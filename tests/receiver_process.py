@@ -28,7 +28,7 @@ import hashlib
 import json
 import random
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import IO, Any
 
 from twisted.internet import task
@@ -106,14 +106,13 @@ class ServiceEndpoint(resource.Resource):
                 request, 403, f"{method} {path}: bad authorization {authorization!r}"
             )
         if method == "POST" and path == PING_PATH:
-            self._log.write({"service": self.service_id, "kind": "ping"})
-            return b"{}"
+            return self._ping(request)
         if method != "PUT" or not path.startswith(TXN_PREFIX):
             return self._refuse(request, 404, f"{method} {path}: not an AS API endpoint")
         error = transaction_error(body)
         if error is not None:
             return self._refuse(request, 400, f"{path}: {error}")
-        delay = self._delays.next()
+        status, delay = self._verdict(body)
         self._log.write(
             {
                 "service": self.service_id,
@@ -122,12 +121,32 @@ class ServiceEndpoint(resource.Resource):
                 "sha256": hashlib.sha256(body).hexdigest(),
                 "body": body.decode("utf-8"),
                 "delay": delay,
+                **self._logged(status),
             }
         )
         if not delay:
-            return b"{}"
+            return self._answer(request, status)
         self._answer_later(request, delay)
         return server.NOT_DONE_YET
+
+    def _ping(self, request: server.Request) -> bytes:
+        self._log.write({"service": self.service_id, "kind": "ping"})
+        return b"{}"
+
+    def _verdict(self, body: bytes) -> tuple[int, float]:
+        """
+        The status to answer a transaction (``body``) with, and how long to hold the
+        answer first: here always 200, after a delay chosen at random.
+        """
+        return 200, self._delays.next()
+
+    def _logged(self, status: int) -> dict[str, Any]:
+        """What a transaction's log line says besides the request (here: nothing)."""
+        return {}
+
+    def _answer(self, request: server.Request, status: int) -> bytes:
+        """The body of an answer given at once (here always a success)."""
+        return b"{}"
 
     def _refuse(self, request: server.Request, status: int, error: str) -> bytes:
         self._log.write({"service": self.service_id, "kind": "error", "error": error})
@@ -146,14 +165,18 @@ class ServiceEndpoint(resource.Resource):
         self._reactor.callLater(delay, answer)
 
 
-async def run(reactor: Any, options: argparse.Namespace) -> None:
-    rng = random.Random(options.seed)
-    delays = Delays(rng, options.slow, options.hold)
+async def serve(
+    reactor: Any,
+    options: argparse.Namespace,
+    endpoint: Callable[[str, Log, Delays], resource.Resource],
+) -> None:
+    """Listen on one port a service, each answered by ``endpoint(service id, log, delays)``."""
+    delays = Delays(random.Random(options.seed), options.slow, options.hold)
     with open(options.log, "a", encoding="utf-8") as out:
         log = Log(out)
         ports: dict[str, int] = {}
         for service_id in options.services.split(","):
-            site = server.Site(ServiceEndpoint(service_id, log, delays, reactor))
+            site = server.Site(endpoint(service_id, log, delays))
             site.noisy = False
             ports[service_id] = reactor.listenTCP(0, site, interface="127.0.0.1").getHost().port
         sys.stdout.write(json.dumps(ports) + "\n")
@@ -162,14 +185,23 @@ async def run(reactor: Any, options: argparse.Namespace) -> None:
         await Deferred()
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+async def run(reactor: Any, options: argparse.Namespace) -> None:
+    await serve(reactor, options, lambda s, log, delays: ServiceEndpoint(s, log, delays, reactor))
+
+
+def parser(doc: str | None) -> argparse.ArgumentParser:
+    """The options of a receiver process (``doc``: its module's docstring)."""
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
     parser.add_argument("--log", required=True, help="append one JSON line a request here")
     parser.add_argument("--services", required=True, help="service ids, one port each: a,b,c")
     parser.add_argument("--seed", type=int, default=0, help="seed of the answer delays")
     parser.add_argument("--slow", type=float, default=0.3, help="share answered in 1-8 ms")
     parser.add_argument("--hold", type=float, default=0.04, help="share held 50-120 ms")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    return parser(__doc__).parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -57,15 +57,10 @@ replays it.
 from __future__ import annotations
 
 import json
-import os
 import random
-import re
-import signal
 import sqlite3
 import struct
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -75,19 +70,9 @@ import attrs
 import psycopg2
 import pytest
 
-from .housekeeping_child import HOUSEKEEPING, SERVICES, ServiceSpec, make_event, poisoned
-from .test_sigkill import (
-    Receipt,
-    check_child_logs,
-    check_complete,
-    check_content,
-    check_order,
-    check_positions,
-    check_resends,
-    check_txn_ids,
-    resends,
-    spawn_receiver,
-)
+from . import crashlog
+from .crashlog import Event, Receipt, resends
+from .housekeeping_child import HOUSEKEEPING, SERVICES, make_event, poisoned
 
 COUNT = 2400
 BATCH = 20
@@ -106,88 +91,38 @@ DOWNTIME = HOUSEKEEPING.retention + 0.5
 #: events acknowledged less than this before a kill are younger than the retention (an
 #: event's arrival time is taken a moment before its acknowledgement)
 YOUNG = HOUSEKEEPING.retention - 0.4
-#: the receiver holds an answer at least this long when it means to
-HELD = 0.05
-#: how often the test looks at the receiver's log and the child, seconds
-POLL = 0.002
 #: how often it checks the database while a child runs (except while it aims a kill)
 LIVE_EVERY = 0.05
 #: once fixed, picky holds its answers this long: the redriven events stay in stored
 #: transactions long enough for a check of the database to see whether they kept their rows
 FIXED_DELAY = 3 * LIVE_EVERY
-ROOT = Path(__file__).resolve().parent.parent
 PICKY = "picky"
 DOWN = "down"
-
-Event = dict[str, Any]
-
-
-# -- who wants what: worked out here, not by delivery --
-
-
-def wants(spec: ServiceSpec, event: Event) -> bool:
-    """The Matrix namespace rule: a regex must match at the start (``re.match``)."""
-    if spec.users is not None and re.match(spec.users, event["sender"]):
-        return True
-    return spec.rooms is not None and re.match(spec.rooms, event["room_id"]) is not None
-
-
-def expected_events(events: Sequence[Event]) -> dict[str, set[int]]:
-    """The indices of the events each service must receive."""
-    return {spec.id: {i for i, e in enumerate(events) if wants(spec, e)} for spec in SERVICES}
 
 
 # -- what the receiver logged --
 
 
-class ReceiverLog:
+class ReceiverLog(crashlog.ReceiverLog):
     """The receiver's log file, read as it grows: every transaction request, and its answer."""
 
-    def __init__(self, path: Path, index: dict[str, int]) -> None:
-        self.path = path
-        self._index = index
-        self._offset = 0
-        self._partial = b""
-        #: every transaction request, refused or not
-        self.receipts: list[Receipt] = []
-        #: the answer to each, by the receipt's seq
+    def __init__(self, path: Path, index: dict[str, int], services: Sequence[str] = ()) -> None:
+        super().__init__(path, index, services)
+        #: the answer to each transaction request (refused or not), by the receipt's seq
         self.status: dict[int, int] = {}
-        #: pings and requests that were not the AS API
-        self.others: list[dict[str, Any]] = []
-        #: the indices of the events each service accepted (answered 200) so far
-        self.accepted: dict[str, set[int]] = {spec.id: set() for spec in SERVICES}
 
-    def poll(self) -> None:
-        """Read the lines appended since the last poll."""
-        try:
-            with self.path.open("rb") as f:
-                f.seek(self._offset)
-                data = f.read()
-        except FileNotFoundError:
-            return
-        self._offset += len(data)
-        *lines, self._partial = (self._partial + data).split(b"\n")
-        for line in lines:
-            self._add(json.loads(line))
+    @property
+    def accepted(self) -> dict[str, set[int]]:
+        """The indices of the events each service accepted (answered 200) so far."""
+        return self.received
 
-    def _add(self, record: dict[str, Any]) -> None:
-        if record["kind"] != "txn":
-            self.others.append(record)
-            return
-        fields = ("seq", "service", "txn", "sha256", "body", "delay")
-        receipt = Receipt(*(record[f] for f in fields))
-        self.receipts.append(receipt)
+    def _took(self, record: dict[str, Any], receipt: Receipt) -> bool:
         self.status[receipt.seq] = record["status"]
-        if record["status"] == 200:
-            got = self.accepted.setdefault(receipt.service, set())
-            got.update(self._index.get(e["event_id"], -1) for e in receipt.events)
+        return bool(record["status"] == 200)
 
     def ok(self, after: int = 0) -> list[Receipt]:
         """The transactions accepted, those logged after line ``after``."""
         return [r for r in self.receipts if r.seq > after and self.status[r.seq] == 200]
-
-    def has_all(self, expected: dict[str, set[int]]) -> bool:
-        return all(wanted <= self.accepted.get(s, set()) for s, wanted in expected.items())
 
 
 def check_arrival(receipts: Sequence[Receipt], index: dict[str, int]) -> list[str]:
@@ -213,11 +148,6 @@ def check_arrival(receipts: Sequence[Receipt], index: dict[str, int]) -> list[st
                 )
             previous[r.service] = (n, r.txn)
     return problems
-
-
-def check_refusals(others: Sequence[dict[str, Any]]) -> list[str]:
-    """The receiver saw nothing that is not the AS API (bad token, bad body, wrong path)."""
-    return [f"the receiver refused a request: {r}" for r in others if r["kind"] == "error"]
 
 
 # -- the database, read directly while no child runs (or beside the last ones) --
@@ -403,7 +333,7 @@ def check_young(
 
 def check_dead_letters(snap: Snapshot, events: Sequence[Event], index: dict[str, int]) -> list[str]:
     """The dead letters are the poisoned events ``picky`` wants, each once, as submitted."""
-    wanted = {i for i in expected_events(events)[PICKY] if poisoned(i)}
+    wanted = {i for i in crashlog.expected_events(events, SERVICES)[PICKY] if poisoned(i)}
     problems = []
     got = [index.get(d.event_id, -1) for d in snap.dead]
     if sorted(got) != sorted(wanted):
@@ -426,55 +356,36 @@ def check_dead_letters(snap: Snapshot, events: Sequence[Event], index: dict[str,
 # -- the processes --
 
 
-class Child:
+class Child(crashlog.Child):
     """
     One run of ``tests.housekeeping_child``; a thread reads what it prints, and kills it
     as a housekeeping batch begins or an acknowledgement comes when armed to.
     """
 
+    module = "tests.housekeeping_child"
+    count = COUNT
+    batch = BATCH
+    pause = PAUSE
+
     def __init__(
         self, number: int, start: int, fresh: int, urls: str, db: str, logs: Path, **extra: str
     ) -> None:
-        self.number = number
-        self.start = start
         #: the events from this one on were stored first by this run, when it acknowledges
         #: them (before it, it submits again what earlier runs stored, acknowledged or not)
         self.fresh = fresh
-        self.stderr_path = logs / f"child-{number}.stderr"
         #: what it printed, kept for a look after a failure
         self.stdout_path = logs / f"child-{number}.stdout"
-        #: (index of the last event, stream positions, when) for each acknowledged batch
-        self.acks: list[tuple[int, list[int], float]] = []
-        self.done = False
         self.redriven: int | None = None
         #: the housekeeping lines it printed: ("BEGIN" | "END", operation, rows deleted)
         self.housekeeping: list[tuple[str, str, int]] = []
-        self.started_at = time.monotonic()
         #: when armed: (what to kill it on: the operations of batches, or ACKED; seconds
         #: to wait first)
         self._armed: tuple[tuple[str, ...], float] | None = None
         #: rows the last batch of each operation deleted
         self._last_deleted: dict[str, int] = {}
-        #: held while the child is signalled or reaped: a thread never signals a reaped pid
-        self._signalling = threading.Lock()
-        #: the reader thread killed it (not an exit of its own)
-        self.killed_by_reader = False
         #: when it was sent SIGKILL
         self.killed_at: float | None = None
-        command = [
-            *(sys.executable, "-m", "tests.housekeeping_child", "--db", db, "--urls", urls),
-            *("--start", str(start), "--count", str(COUNT)),
-            *("--batch", str(BATCH), "--pause", str(PAUSE)),
-        ]
-        for option, value in extra.items():
-            command += [f"--{option}", value]
-        with self.stderr_path.open("wb") as stderr:
-            self.process = subprocess.Popen(
-                command, cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr
-            )
-        self._reader = threading.Thread(target=self._read, args=(self.process.stdout,))
-        self._reader.daemon = True
-        self._reader.start()
+        super().__init__(number, start, urls, db, logs, **extra)
 
     def _read(self, stdout: IO[bytes]) -> None:
         with self.stdout_path.open("wb") as copy:
@@ -482,26 +393,20 @@ class Child:
                 copy.write(line)
                 self._line(line)
 
-    def _line(self, line: bytes) -> None:
-        if line.endswith(b"\n"):  # (else cut short by the kill)
-            word, *rest = line.decode().split()
-            if word == "ACKED":
-                positions = [int(p) for p in rest[1].split(",")]
-                self.acks.append((int(rest[0]), positions, time.monotonic()))
-                if int(rest[0]) >= self.fresh:  # events stored for the first time
-                    self._maybe_kill(word)
-            elif word == "DONE":
-                self.done = True
-            elif word == "REDRIVEN":
-                self.redriven = int(rest[0])
+    def _heard(self, word: str, rest: list[str]) -> None:
+        if word == "ACKED":
+            if int(rest[0]) >= self.fresh:  # events stored for the first time
                 self._maybe_kill(word)
-            elif word == "HK":
-                deleted = int(rest[2]) if rest[0] == "END" else 0
-                self.housekeeping.append((rest[0], rest[1], deleted))
-                if rest[0] == "END":
-                    self._last_deleted[rest[1]] = deleted
-                else:
-                    self._maybe_kill(rest[1])
+        elif word == "REDRIVEN":
+            self.redriven = int(rest[0])
+            self._maybe_kill(word)
+        elif word == "HK":
+            deleted = int(rest[2]) if rest[0] == "END" else 0
+            self.housekeeping.append((rest[0], rest[1], deleted))
+            if rest[0] == "END":
+                self._last_deleted[rest[1]] = deleted
+            else:
+                self._maybe_kill(rest[1])
 
     def _maybe_kill(self, what: str) -> None:
         """
@@ -525,7 +430,7 @@ class Child:
 
     def _signal(self) -> None:
         self.killed_at = time.monotonic()
-        os.kill(self.process.pid, signal.SIGKILL)
+        super()._signal()
 
     def arm(self, what: tuple[str, ...], delay: float = 0.0) -> None:
         """
@@ -533,10 +438,6 @@ class Child:
         begins (or ``ACKED`` or ``REDRIVEN`` comes).
         """
         self._armed = (what, delay)
-
-    @property
-    def last_acked(self) -> int:
-        return max((last for last, _, _ in self.acks), default=-1)
 
     def in_batch(self) -> str | None:
         """The operation of the batch under way when it stopped, if one was."""
@@ -547,48 +448,16 @@ class Child:
     def deleted(self, operation: str) -> int:
         return sum(n for kind, op, n in self.housekeeping if kind == "END" and op == operation)
 
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
     def kill(self) -> None:
         """SIGKILL; wait until it is gone and everything it printed is read."""
         self._armed = None
-        with self._signalling:
-            if self.alive():
-                self._signal()
-            self.process.wait()
-        self._close()
-
-    def _close(self) -> None:
-        self._reader.join(5)
-        if self.process.stdout is not None:
-            self.process.stdout.close()
-
-    def terminate(self, timeout: float = 10) -> int | None:
-        """SIGTERM, a clean stop: its exit code, or None if it did not stop in time."""
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            code = self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            return None
-        self._close()
-        return code
-
-    def stderr_tail(self, lines: int = 30) -> str:
-        return "\n".join(self.stderr_path.read_text(errors="replace").splitlines()[-lines:])
+        super().kill()
 
 
 @attrs.frozen
-class Kill:
-    """Where things stood when one kill landed."""
+class Kill(crashlog.Kill):
+    """Where things stood when one kill landed, in the database too."""
 
-    run: int
-    kind: str
-    #: seconds since that run started
-    after: float
-    acked: int
-    receipts: int
     #: the housekeeping batch under way when it landed, if one was
     in_batch: str | None
     #: rows in events, and events acknowledged so far
@@ -598,42 +467,25 @@ class Kill:
     unrouted: int
 
 
-class CrashRun:
+class CrashRun(crashlog.CrashRun[Child, Kill]):
     """The receiver, the children one after another, and what they did."""
 
+    count = COUNT
+    services = SERVICES
+    log_class = ReceiverLog
+    live_every = LIVE_EVERY
+    log: ReceiverLog
+
     def __init__(self, tmp_path: Path, seed: int, db_url: str) -> None:
-        self.seed = seed
-        self.rng = random.Random(seed)
-        self.tmp_path = tmp_path
-        self.events = [make_event(i) for i in range(COUNT)]
-        self.index = {e["event_id"]: i for i, e in enumerate(self.events)}
-        self.expected = expected_events(self.events)
+        self.recover_file = tmp_path / "recovered"
+        self.fixed_file = tmp_path / "fixed"
+        super().__init__(tmp_path, seed, db_url)
         #: the events some service wants
         self.wanted = set().union(*self.expected.values())
-        self.log = ReceiverLog(tmp_path / "receiver.log", self.index)
-        self.db = db_url
-        self.acked = -1
-        self.kills: list[Kill] = []
-        self.children: list[Child] = []
         #: the events some service wants submitted again whose ids only ``seen_events``
         #: still held: housekeeping had deleted them
         self.resubmitted_deleted = 0
         self.resubmitted = 0
-        self.recover_file = tmp_path / "recovered"
-        self.fixed_file = tmp_path / "fixed"
-        self._receiver_stderr = (tmp_path / "receiver.stderr").open("wb")
-        self.receiver, ports = spawn_receiver(
-            [
-                *(sys.executable, "-m", "tests.housekeeping_receiver"),
-                *("--log", str(self.log.path), "--seed", str(self.rng.randrange(2**32))),
-                *("--services", ",".join(s.id for s in SERVICES)),
-                *("--down", DOWN, "--recover", str(self.recover_file)),
-                *("--picky", PICKY, "--fixed", str(self.fixed_file)),
-                *("--fixed-delay", str(FIXED_DELAY)),
-            ],
-            self._receiver_stderr,
-        )
-        self.urls = ",".join(f"{s}=http://127.0.0.1:{p}" for s, p in ports.items())
         self.last_snapshot: Snapshot | None = None
         #: wait DOWNTIME before the next run
         self.downtime = False
@@ -642,21 +494,18 @@ class CrashRun:
         #: how often the database was checked while a child ran
         self.live_checks = 0
 
-    def close(self) -> None:
-        """Kill whatever still runs."""
-        for child in self.children:
-            child.kill()
-        if self.receiver.poll() is None:
-            self.receiver.kill()
-            self.receiver.wait()
-        if self.receiver.stdout is not None:
-            self.receiver.stdout.close()
-        self._receiver_stderr.close()
+    def event(self, index: int) -> Event:
+        return make_event(index)
 
-    def stop_receiver(self) -> None:
-        self.receiver.send_signal(signal.SIGTERM)
-        self.receiver.wait(10)
-        self.log.poll()
+    def receiver_command(self, seed: int) -> list[str]:
+        return [
+            *(sys.executable, "-m", "tests.housekeeping_receiver"),
+            *("--log", str(self.log.path), "--seed", str(seed)),
+            *("--services", ",".join(s.id for s in SERVICES)),
+            *("--down", DOWN, "--recover", str(self.recover_file)),
+            *("--picky", PICKY, "--fixed", str(self.fixed_file)),
+            *("--fixed-delay", str(FIXED_DELAY)),
+        ]
 
     # -- what was acknowledged --
 
@@ -707,36 +556,6 @@ class CrashRun:
         self.children.append(child)
         return child
 
-    def wait(
-        self, child: Child, condition: Callable[[], bool], timeout: float, live: bool = False
-    ) -> bool:
-        """
-        Poll until ``condition()`` holds (True) or ``timeout`` seconds pass (False); fail
-        the test if the child exits by itself. ``live``: check the database as it runs,
-        every ``LIVE_EVERY`` seconds.
-        """
-        deadline = time.monotonic() + timeout
-        next_check = 0.0
-        while True:
-            if live and time.monotonic() >= next_check and child.alive():
-                self.check_live(child)
-                next_check = time.monotonic() + LIVE_EVERY
-            self.log.poll()
-            if condition():
-                return True
-            if not child.alive() and not child.killed_by_reader:
-                child.kill()
-                pytest.fail(
-                    f"seed {self.seed}: run {child.number} exited by itself with code "
-                    f"{child.process.returncode}:\n{child.stderr_tail()}"
-                )
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(POLL)
-
-    def pause(self, child: Child, seconds: float) -> None:
-        self.wait(child, lambda: False, seconds)
-
     def check_live(self, child: Child) -> None:
         """
         :func:`check_kept` on the database as a running child leaves it: every state it
@@ -754,10 +573,6 @@ class CrashRun:
                 f" ({time.monotonic() - child.started_at:.3f} s in):\n" + "\n".join(problems[:30])
             )
 
-    def idle(self, child: Child) -> bool:
-        """Whether the child has nothing left to do: all submitted, all delivered."""
-        return child.done and self.log.has_all(self.deliverable())
-
     def deliverable(self) -> dict[str, set[int]]:
         """What each service accepts while ``picky`` refuses the poisoned events."""
         if self.fixed_file.exists():
@@ -767,26 +582,26 @@ class CrashRun:
             for s, wanted in self.expected.items()
         }
 
-    def kill(self, child: Child, kind: str) -> None:
-        child.kill()
-        self.log.poll()
-        self.acked = max(self.acked, child.last_acked)
-        after = round(time.monotonic() - child.started_at, 3)
+    def landed(self, child: Child, kind: str, after: float) -> Kill:
         positions = self.positions()
         snap = self.last_snapshot = snapshot(self.db)
-        self.kills.append(
-            Kill(
-                child.number,
-                kind,
-                after,
-                self.acked,
-                len(self.log.receipts),
-                child.in_batch(),
-                len(snap.events),
-                len(positions),
-                sum(p > snap.sorter_position for p in positions.values()),
-            )
+        return Kill(
+            child.number,
+            kind,
+            after,
+            self.acked,
+            len(self.log.receipts),
+            child.in_batch(),
+            len(snap.events),
+            len(positions),
+            sum(p > snap.sorter_position for p in positions.values()),
         )
+
+    def kill(self, child: Child, kind: str) -> None:
+        """Kill the child, and check the database it leaves."""
+        super().kill(child, kind)
+        assert self.last_snapshot is not None
+        snap, positions = self.last_snapshot, self.positions()
         problems = check_kept(snap, positions, self.expected, self.log.accepted)
         problems += check_young(snap, child, positions, self.expected)
         if problems:
@@ -796,19 +611,13 @@ class CrashRun:
             )
 
     def run_until_kill(self, kind: str, target: int) -> None:
-        """
-        Start a child; once event ``target`` is acknowledged, kill it at a moment of the
-        given kind (``startup`` kills do not wait for the target).
-        """
+        """The down service recovers from the run before kill ``RECOVER_BEFORE`` on."""
         if len(self.kills) == RECOVER_BEFORE:
             self.recover_file.touch()
-        child = self.start_child()
+        super().run_until_kill(kind, target)
+
+    def aim(self, child: Child, kind: str) -> None:
         rng = self.rng
-        if kind == "startup":
-            self.pause(child, rng.uniform(0.02, 0.4))
-            self.kill(child, kind)
-            return
-        self.wait(child, lambda: child.last_acked >= target or child.done, 20, live=True)
         if kind == "ingest":
             child.arm(("ACKED",))
             self.wait(child, lambda: not child.alive(), 5)
@@ -817,21 +626,6 @@ class CrashRun:
             operations = ("delete_events",) if kind == "batch" else ("prune_seen", "prune_attempts")
             child.arm(operations, rng.choice([0.0, rng.uniform(0, 0.0003)]))
             self.wait(child, lambda: not child.alive(), 5)
-        elif kind == "acks":
-            acks = len(child.acks) + rng.randint(0, 5)
-            self.wait(child, lambda: len(child.acks) >= acks or child.done, 5)
-            self.pause(child, rng.uniform(0, 0.01))
-        elif kind == "receipts":
-            receipts = len(self.log.receipts) + rng.randint(1, 8)
-            self.wait(child, lambda: len(self.log.receipts) >= receipts or self.idle(child), 5)
-            self.pause(child, rng.uniform(0, 0.005))
-        elif kind == "held":
-            seen = len(self.log.receipts)
-
-            def held() -> bool:
-                return any(r.delay >= HELD for r in self.log.receipts[seen:]) or self.idle(child)
-
-            self.wait(child, held, 5)
         elif kind == "bisect":
             seen = len(self.log.receipts)
 
@@ -849,8 +643,7 @@ class CrashRun:
 
             self.wait(child, halving, 5)
         else:
-            raise ValueError(f"unknown kind of kill {kind!r}")
-        self.kill(child, kind)
+            super().aim(child, kind)
 
     def settle(
         self, child: Child, condition: Callable[[], bool], what: str, timeout: float
@@ -880,13 +673,6 @@ class CrashRun:
             return self.rows == count
 
         return condition
-
-    def missing(self) -> str:
-        """What each service still lacks, in words."""
-        lacks = {
-            s: sorted(wanted - self.log.accepted[s]) for s, wanted in self.deliverable().items()
-        }
-        return "; ".join(f"{s} lacks {len(m)} events {m[:5]}" for s, m in lacks.items())
 
     def summary(self, seconds: float) -> str:
         receipts = self.log.receipts
@@ -923,25 +709,19 @@ def kill_plan(rng: random.Random) -> list[tuple[str, int]]:
     late = kinds.index("ingest")
     if late > early:
         kinds[early], kinds[late] = kinds[late], kinds[early]
-    return list(zip(kinds, sorted(rng.sample(range(COUNT), KILLS)), strict=True))
+    return crashlog.spread(rng, kinds, COUNT)
 
 
 @pytest.fixture
 def crash_run(tmp_path: Path, db_url: str) -> Iterator[CrashRun]:
-    seed = int(os.environ.get("DELIVERY_SIGKILL_SEED") or random.SystemRandom().randrange(2**32))
-    print(f"DELIVERY_SIGKILL_SEED={seed}")
-    run = CrashRun(tmp_path, seed, db_url)
-    try:
+    with crashlog.crash_run(CrashRun, tmp_path, db_url) as run:
         yield run
-    finally:
-        run.close()
 
 
 def test_sigkill_during_housekeeping_loses_nothing(crash_run: CrashRun) -> None:
     run = crash_run
     began = time.monotonic()
-    for kind, target in kill_plan(run.rng):
-        run.run_until_kill(kind, target)
+    run.run_plan(kill_plan(run.rng))
     summary = run.summary(time.monotonic() - began)
 
     # The last run submits the rest and delivers everything but the dead letters; then
@@ -989,18 +769,18 @@ def test_sigkill_during_housekeeping_loses_nothing(crash_run: CrashRun) -> None:
     redriven = run.log.ok(before_redrive)
     final = snapshot(run.db)
     problems = [
-        *check_refusals(run.log.others),
-        *check_complete(accepted, run.expected, run.index),
+        *crashlog.check_refusals(run.log.others),
+        *crashlog.check_complete(accepted, run.expected, run.index),
         *check_arrival([r for r in accepted if r.seq <= before_redrive], run.index),
         *check_arrival(redriven, run.index),
         # (bisecting gives both halves their ids at once, and sends the first half's own
         # halves before the second: picky's ids do not grow in the order they arrive)
-        *check_order([r for r in accepted if r.service != PICKY], run.index),
-        *check_txn_ids([r for r in receipts if r.service != PICKY]),
-        *check_resends(receipts),
-        *check_content(accepted, run.events, run.index),
-        *check_positions((last, batch) for c in run.children for last, batch, _ in c.acks),
-        *check_child_logs(child.stderr_path for child in run.children),
+        *crashlog.check_order([r for r in accepted if r.service != PICKY], run.index),
+        *crashlog.check_txn_ids([r for r in receipts if r.service != PICKY]),
+        *crashlog.check_resends(receipts),
+        *crashlog.check_content(accepted, run.events, run.index),
+        *crashlog.check_positions((last, batch) for c in run.children for last, batch, _ in c.acks),
+        *crashlog.check_child_logs(child.stderr_path for child in run.children),
         *check_kept(final, run.positions(), run.expected, run.log.accepted),
     ]
     assert not problems, f"{summary}\n" + "\n".join(problems[:30])
