@@ -164,7 +164,7 @@ class IStore(IEventSource):
     def sorter_lag() -> Deferred[tuple[int, float | None]]:
         """Events not routed yet, and when the oldest of them arrived."""
 
-    def purge_service(service_id: str) -> Deferred[tuple[int, int]]:
+    def purge_service(service_id: str) -> Deferred[tuple[int, int, int]]:
         """Delete a service's queue, stored transactions and record; the counts deleted."""
 
     def ping() -> Deferred[None]:

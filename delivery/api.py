@@ -373,6 +373,7 @@ class Api(resource.Resource):
         return 200, {
             "deleted_events": result.queued_events,
             "deleted_transactions": result.stored_transactions,
+            "deleted_dead_letters": result.dead_letters,
         }
 
     async def enable(self, request: server.Request, service_id: str) -> tuple[int, Any]:

@@ -177,6 +177,7 @@ class PurgeResult:
 
     queued_events: int
     stored_transactions: int
+    dead_letters: int = 0
 
 
 @attrs.frozen

@@ -444,8 +444,8 @@ class DeliveryService(Service):
     @deferred
     async def purge(self, service_id: str) -> PurgeResult:
         """
-        Delete the queue and stored transactions of an orphaned service (one removed from
-        the registrations), and its record.
+        Delete the queue, stored transactions, dead letters and delivery log of an orphaned
+        service (one removed from the registrations), and its record.
 
         :raises UnknownServiceError: if the database knows no such service.
         :raises ServiceRegisteredError: if it is still registered.
@@ -455,15 +455,16 @@ class DeliveryService(Service):
             raise ServiceRegisteredError(service_id)
         if not await self.store.services(service_id):
             raise UnknownServiceError(service_id)
-        events, transactions = await self.store.purge_service(service_id)
+        events, transactions, dead = await self.store.purge_service(service_id)
         log.info(
-            "purged orphaned service {service}: {events} queued events and {transactions}"
-            " stored transactions deleted",
+            "purged orphaned service {service}: {events} queued events, {transactions}"
+            " stored transactions and {dead} dead letters deleted",
             service=service_id,
             events=events,
             transactions=transactions,
+            dead=dead,
         )
-        return PurgeResult(events, transactions)
+        return PurgeResult(events, transactions, dead)
 
     @deferred
     async def transactions(

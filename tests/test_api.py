@@ -702,7 +702,11 @@ async def test_transactions_are_listed_and_paged(tmp_path, reactor, receiver):
         assert (answer.status, answer.errcode) == (404, "M_NOT_FOUND")
 
         answer = await call(running, "DELETE", "/v1/services/gone/queue")
-        assert answer.json() == {"deleted_events": 0, "deleted_transactions": 6}
+        assert answer.json() == {
+            "deleted_events": 0,
+            "deleted_transactions": 6,
+            "deleted_dead_letters": 0,
+        }
     finally:
         await running.daemon.stopService()
         await stop_receiver(failing)
@@ -782,7 +786,7 @@ async def test_reload_adds_changes_and_removes_services(tmp_path, reactor, recei
         answer = await call(running, "DELETE", "/v1/services/gone/queue")
         assert (answer.status, answer.json()) == (
             200,
-            {"deleted_events": 1, "deleted_transactions": 1},
+            {"deleted_events": 1, "deleted_transactions": 1, "deleted_dead_letters": 0},
         )
         answer = await call(running, "GET", "/v1/services/gone")
         assert (answer.status, answer.errcode) == (404, "M_NOT_FOUND")

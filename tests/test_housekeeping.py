@@ -329,3 +329,17 @@ async def test_a_move_committed_while_a_batch_reads_keeps_the_event(
             mover.close()
     assert await event_rows(store) == ["$e1"]
     assert [q.stream_id for q in await store.queued("a", 0, 10)] == [s]
+
+
+@pytest_twisted.ensureDeferred
+async def test_purging_a_service_frees_its_dead_letters_events(store: Any) -> None:
+    await store.ensure_services(["a", "gone"])
+    s = await ingest(store, [1, 2], now=10.0)
+    await store.commit_sorted(s[1], [("gone", s[0]), ("gone", s[1])], ())
+    txn = await store.store_transaction("gone", s[0], s[0], 1, b"{}", 20.0, [10.0], [s[0]])
+    await store.dead_letter("gone", txn, [("$e1", b"{}")], 400, "no", 21.0)
+    assert await sweep(store, cutoff=50.0, dedupe_cutoff=0.0) == 0  # both held
+    assert await store.purge_service("gone") == (1, 0, 1)
+    assert await store.dead_letters("gone", 0, 10) == []
+    assert await sweep(store, cutoff=50.0, dedupe_cutoff=0.0) == 2
+    assert await event_rows(store) == []

@@ -124,7 +124,7 @@ class GeneratorStore:
     def summaries(self) -> Deferred[dict[str, ServiceSummary]]:
         return self._run(_sql.summaries)
 
-    def purge_service(self, service_id: str) -> Deferred[tuple[int, int]]:
+    def purge_service(self, service_id: str) -> Deferred[tuple[int, int, int]]:
         return self._run(_sql.purge_service, service_id)
 
     def ping(self) -> Deferred[None]:

@@ -325,13 +325,21 @@ def summaries() -> Steps[dict[str, ServiceSummary]]:
     return result
 
 
-def purge_service(service_id: str) -> Steps[tuple[int, int]]:
+def purge_service(service_id: str) -> Steps[tuple[int, int, int]]:
+    """
+    Delete everything kept for a service: its queue, stored transactions, dead letters,
+    delivery log and record. How many queued events, transactions and dead letters went.
+    """
     events = yield Query(
         "DELETE FROM service_queue WHERE service_id = ?", (service_id,), fetch="count"
     )
     transactions = yield Query(
         "DELETE FROM transactions WHERE service_id = ?", (service_id,), fetch="count"
     )
+    dead = yield Query(
+        "DELETE FROM dead_letters WHERE service_id = ?", (service_id,), fetch="count"
+    )
+    yield Query("DELETE FROM attempts WHERE service_id = ?", (service_id,), fetch="none")
     # Its ids are never given out again, should it be registered again.
     yield Query(
         "UPDATE instance SET purged_txn_id = coalesce((SELECT last_txn_id FROM services"
@@ -340,7 +348,7 @@ def purge_service(service_id: str) -> Steps[tuple[int, int]]:
         fetch="count",
     )
     yield Query("DELETE FROM services WHERE service_id = ?", (service_id,), fetch="count")
-    return events, transactions
+    return events, transactions, dead
 
 
 def ping() -> Steps[None]:
