@@ -111,9 +111,9 @@ class Housekeeper:
         self.options = options
         self._clock = clock
         self._observers = observers
-        self._stopped = True
-        #: stop() was called: a pass running ends after its batch
-        self._halted = False
+        #: stop() was called: no pass starts, and one running ends after its batch (a
+        #: pass asked for before start() runs whole)
+        self._stopped = False
         self._running: Deferred[None] | None = None
         self._timer: IDelayedCall | None = None
         #: one pass at a time (the loop's, or one asked for)
@@ -125,7 +125,7 @@ class Housekeeper:
 
     def start(self) -> None:
         """Run a pass now, and one every ``interval`` after each ends."""
-        self._stopped = self._halted = False
+        self._stopped = False
         self._schedule(0.0)
 
     def _schedule(self, delay: float) -> None:
@@ -168,7 +168,7 @@ class Housekeeper:
         options = self.options
         total = PassResult()
         cursor: int | None = 0
-        while cursor is not None and not self._stopping():
+        while cursor is not None and not self._stopped:
             now = self._clock.seconds()
             deleted, cursor = await self._store.delete_events(
                 cursor, options.batch_size, now - options.retention, now - options.dedupe_window
@@ -177,14 +177,14 @@ class Housekeeper:
             if cursor is not None:
                 await self._pause()
         pruned = options.batch_size
-        while pruned >= options.batch_size and not self._stopping():
+        while pruned >= options.batch_size and not self._stopped:
             now = self._clock.seconds()
             pruned = await self._store.prune_seen(now - options.dedupe_window, options.batch_size)
             total += PassResult(seen_events=self._count("seen_events", pruned))
             if pruned >= options.batch_size:
                 await self._pause()
         pruned = options.batch_size
-        while pruned >= options.batch_size and not self._stopping():
+        while pruned >= options.batch_size and not self._stopped:
             now = self._clock.seconds()
             pruned = await self._store.prune_attempts(
                 now - options.attempt_retention, options.attempts_per_service, options.batch_size
@@ -192,7 +192,7 @@ class Housekeeper:
             total += PassResult(attempts=self._count("attempts", pruned))
             if pruned >= options.batch_size:
                 await self._pause()
-        if not self._stopping():
+        if not self._stopped:
             self.stats = await self._store.database_stats()
         if total.events or total.seen_events or total.attempts:
             log.debug(
@@ -202,9 +202,6 @@ class Housekeeper:
                 attempts=total.attempts,
             )
         return total
-
-    def _stopping(self) -> bool:
-        return self._halted
 
     def _count(self, table: str, deleted: int) -> int:
         if deleted:
@@ -218,7 +215,7 @@ class Housekeeper:
 
     async def stop(self) -> None:
         """Stop: no pass starts any more, and the one running ends after its batch."""
-        self._stopped = self._halted = True
+        self._stopped = True
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
