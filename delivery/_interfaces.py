@@ -93,6 +93,12 @@ class IStore(IEventSource):
     def prune_seen(cutoff_ts: float, limit: int) -> Deferred[int]:
         """Forget up to ``limit`` ids of deleted events that arrived before ``cutoff_ts``."""
 
+    def free_pages() -> Deferred[int]:
+        """Pages of the database file that hold nothing and can be given back (or 0)."""
+
+    def reclaim_pages(pages: int) -> Deferred[int]:
+        """Give up to ``pages`` free pages back to the file system; how many went."""
+
     def database_stats() -> Deferred[tuple[int, dict[str, int]]]:
         """The database's size in bytes, and the rows of its main tables."""
 

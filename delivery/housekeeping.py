@@ -12,6 +12,11 @@ window, and delivery-log rows older than ``attempt_retention`` or beyond
 ``attempts_per_service`` for a service, are deleted in the same paced way. Events no service
 wanted are deleted by the sorter as it routes them (their ids kept the same way).
 
+On SQLite the pages deletion frees are reused by what is written next; those that stayed
+free for a whole interval (the database holds less than it did) are given back to the file
+system at the end of the next pass, in steps of :data:`RECLAIM_STEP` pages, so that the
+file follows what is kept and shrinks after a peak. PostgreSQL leaves that to autovacuum.
+
 When a pass finds nothing more to delete it waits ``interval`` seconds. A batch holds the
 ingest lock only for its own short transaction, so ingest and delivery go on between
 batches; a crash in the middle of a pass loses nothing (each batch commits whole) and the
@@ -33,6 +38,9 @@ from ._observers import Observers
 from .errors import StoreUnavailableError
 
 log = Logger()
+
+#: pages given back to the file system per database transaction (SQLite's are 4 KiB)
+RECLAIM_STEP = 256
 
 HOUR = 3600.0
 DAY = 24 * HOUR
@@ -83,17 +91,20 @@ class Housekeeping:
 
 @attrs.frozen
 class PassResult:
-    """What one housekeeping pass deleted, by table."""
+    """What one housekeeping pass deleted, by table, and the pages it gave back."""
 
     events: int = 0
     seen_events: int = 0
     attempts: int = 0
+    #: pages of the database file given back to the file system
+    pages: int = 0
 
     def __add__(self, other: PassResult) -> PassResult:
         return PassResult(
             self.events + other.events,
             self.seen_events + other.seen_events,
             self.attempts + other.attempts,
+            self.pages + other.pages,
         )
 
 
@@ -154,8 +165,9 @@ class Housekeeper:
 
     async def run_pass(self) -> PassResult:
         """
-        One whole pass, batch by batch: events, then expired ids, then the delivery log;
-        then the database's size and rows. What it deleted. A pass running already is
+        One whole pass, batch by batch: events, then expired ids, then the delivery log,
+        then the pages that stayed free since the last pass; then the database's size and
+        rows. What it deleted. A pass running already is
         waited for first. A stop ends a pass between two batches.
         """
         await self._lock.acquire()
@@ -167,6 +179,8 @@ class Housekeeper:
     async def _pass(self) -> PassResult:
         options = self.options
         total = PassResult()
+        # free since the last pass, the writes of a whole interval did not need them
+        spare = await self._store.free_pages()
         cursor: int | None = 0
         while cursor is not None and not self._stopped:
             now = self._clock.seconds()
@@ -192,14 +206,22 @@ class Housekeeper:
             total += PassResult(attempts=self._count("attempts", pruned))
             if pruned >= options.batch_size:
                 await self._pause()
+        while spare > 0 and not self._stopped:
+            reclaimed = await self._store.reclaim_pages(min(spare, RECLAIM_STEP))
+            total += PassResult(pages=reclaimed)
+            spare = spare - reclaimed if reclaimed else 0
+            if spare > 0:
+                await self._pause()
         if not self._stopped:
             self.stats = await self._store.database_stats()
-        if total.events or total.seen_events or total.attempts:
+        if total != PassResult():
             log.debug(
-                "housekeeping deleted {events} events, {ids} ids and {attempts} attempts",
+                "housekeeping deleted {events} events, {ids} ids and {attempts} attempts,"
+                " and gave {pages} pages back",
                 events=total.events,
                 ids=total.seen_events,
                 attempts=total.attempts,
+                pages=total.pages,
             )
         return total
 

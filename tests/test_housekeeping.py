@@ -8,14 +8,18 @@ remembered for the dedupe window and forgotten after it, and what later reads an
 from __future__ import annotations
 
 import json
+import sqlite3
 from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet.task import Clock
 
 from delivery import DeliveryService, Housekeeping, PassResult
 from delivery._interfaces import IStore
+from delivery._observers import Observers
 from delivery.events import prepare
+from delivery.housekeeping import Housekeeper
 from delivery.store import open_store
 from delivery.testing import OK, ScriptedSender, failure
 
@@ -343,3 +347,59 @@ async def test_purging_a_service_frees_its_dead_letters_events(store: Any) -> No
     assert await store.dead_letters("gone", 0, 10) == []
     assert await sweep(store, cutoff=50.0, dedupe_cutoff=0.0) == 2
     assert await event_rows(store) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_pages_free_for_a_whole_interval_go_back_to_the_file_system(store: Any) -> None:
+    # What a pass frees is reused by the writes that follow; what the next pass finds still
+    # free (the database holds less than it did) it gives back, and the file shrinks.
+    clock = Clock()
+    options = Housekeeping(retention=60.0, dedupe_window=60.0, interval=30.0, pace=0.0)
+    keeper = Housekeeper(store, options, clock, Observers())
+    big = {"body": "x" * 2000}
+    peak = await store.insert_events(prepare([event(n, content=big) for n in range(1, 2001)]), 10.0)
+    await store.commit_sorted(peak.stream_ids[-1], [], ())
+    size_at_peak, _ = await store.database_stats()
+    clock.advance(100.0)
+    first = await keeper.run_pass()
+    assert (first.events, first.pages) == (2000, 0)  # nothing was free before it
+    free = await store.free_pages()
+    if store.dialect.name == "postgres":  # autovacuum's business
+        assert free == 0
+        assert await store.reclaim_pages(100) == 0
+        return
+    assert free > 1000  # 2,000 events of 2 kB
+    assert (await store.database_stats())[0] == size_at_peak
+    # writes between the passes take some of the free pages back
+    later = await store.insert_events(
+        prepare([event(n, content=big) for n in range(3001, 3201)]), 100.0
+    )
+    await store.commit_sorted(later.stream_ids[-1], [], ())
+    leftover = await store.free_pages()
+    assert 0 < leftover < free
+    second = await keeper.run_pass()
+    assert (second.events, second.pages) == (0, leftover)  # the 200 are younger than 60 s
+    assert await store.free_pages() == 0
+    size, rows = await store.database_stats()
+    assert size <= size_at_peak - leftover * 4096
+    assert rows["events"] == 200
+    assert len(await event_rows(store)) == 200  # what is kept is intact
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_sqlite_database_made_without_incremental_vacuum_reuses_its_pages(
+    tmp_path: Any, reactor: Any
+) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as older:  # as a database created before schema 5 is
+        older.execute("CREATE TABLE made_before (x)")
+    store = open_store(f"sqlite:///{path}", reactor)
+    await store.open()
+    try:
+        ids = await ingest(store, list(range(1, 501)), now=10.0)
+        await store.commit_sorted(ids[-1], [], ())
+        assert await sweep(store, cutoff=50.0, dedupe_cutoff=50.0) == 500
+        assert await store.free_pages() == 0  # none can be given back: SQLite reuses them
+        assert await store.reclaim_pages(100) == 0
+    finally:
+        await store.close()

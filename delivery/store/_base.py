@@ -103,6 +103,12 @@ class GeneratorStore:
     def prune_seen(self, cutoff_ts: float, limit: int) -> Deferred[int]:
         return self._run(_retention.prune_seen, cutoff_ts, limit)
 
+    def free_pages(self) -> Deferred[int]:
+        return self._run(_retention.free_pages, self.dialect)
+
+    def reclaim_pages(self, pages: int) -> Deferred[int]:
+        return self._run(_retention.reclaim_pages, self.dialect, pages)
+
     def database_stats(self) -> Deferred[tuple[int, dict[str, int]]]:
         return self._run(_retention.database_stats, self.dialect)
 

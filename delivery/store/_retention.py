@@ -25,6 +25,9 @@ from ._sql import INGEST_LOCK, Insert, Lock, Query, Steps
 #: the most parameters one statement is given
 _CHUNK = 500
 
+#: ``PRAGMA auto_vacuum``'s value for incremental vacuuming
+_INCREMENTAL = 2
+
 #: the tables whose rows are counted for the metrics
 TABLES = (
     "events",
@@ -146,11 +149,42 @@ def prune_seen(cutoff_ts: float, limit: int) -> Steps[int]:
     return int(count)
 
 
+def free_pages(dialect: Dialect) -> Steps[int]:
+    """
+    Pages of the database file that hold nothing and that :func:`reclaim_pages` can give
+    back to the file system: SQLite's free list, when the database vacuums incrementally
+    (``auto_vacuum = INCREMENTAL``, which every database created since schema 5 does); 0
+    for one that does not, and for PostgreSQL, whose autovacuum frees space.
+    """
+    if dialect.name != "sqlite":
+        return 0
+    (mode,) = yield Query("PRAGMA auto_vacuum", fetch="one")
+    if int(mode) != _INCREMENTAL:
+        return 0
+    (pages,) = yield Query("PRAGMA freelist_count", fetch="one")
+    return int(pages)
+
+
+def reclaim_pages(dialect: Dialect, pages: int) -> Steps[int]:
+    """
+    Give up to ``pages`` free pages back to the file system (SQLite moves pages from the
+    file's end into free ones and truncates it); how many went.
+    """
+    before = yield from free_pages(dialect)
+    for _ in range(min(pages, before)):
+        # Python's sqlite3 steps a statement once when it returns no columns, and this
+        # one frees a page per step: one page per statement
+        yield Query("PRAGMA incremental_vacuum(1)")
+    after = yield from free_pages(dialect)
+    return before - after
+
+
 def database_stats(dialect: Dialect) -> Steps[tuple[int, dict[str, int]]]:
     """
     The database's size in bytes and the rows of each table of :data:`TABLES`: counted
-    in SQLite (the file's pages, free ones included: SQLite reuses them), PostgreSQL's
-    estimates from its statistics (``pg_stat_user_tables.n_live_tup``).
+    in SQLite (the file's pages, free ones included: they are reused, or given back by
+    :func:`reclaim_pages`), PostgreSQL's estimates from its statistics
+    (``pg_stat_user_tables.n_live_tup``).
     """
     if dialect.name == "sqlite":
         (pages,) = yield Query("PRAGMA page_count", fetch="one")
