@@ -8,8 +8,10 @@ embedder needs to test against it.
 """
 
 from ._interfaces import IDeliveryObserver, IEventSource, ISender, IStore, SendResult
+from .cluster import Cluster, ClusterError
 from .errors import (
     DeliveryError,
+    FencedError,
     InvalidEventError,
     InvalidRegistrationError,
     InvalidStoreURLError,
@@ -25,8 +27,12 @@ from .housekeeping import Housekeeping, PassResult
 from .interest import RoutingFields
 from .records import (
     Attempt,
+    ClusterView,
     DeadLetter,
+    Fence,
     Ingested,
+    LeaseInfo,
+    NodeInfo,
     PurgeResult,
     QueuedEvent,
     ReloadResult,
@@ -42,11 +48,16 @@ from .store import SchemaTooNewError
 
 __all__ = [
     "Attempt",
+    "Cluster",
+    "ClusterError",
+    "ClusterView",
     "DeadLetter",
     "DeliveryError",
     "DeliveryOptions",
     "DeliveryService",
     "Event",
+    "Fence",
+    "FencedError",
     "Housekeeping",
     "IDeliveryObserver",
     "IEventSource",
@@ -56,7 +67,9 @@ __all__ = [
     "InvalidEventError",
     "InvalidRegistrationError",
     "InvalidStoreURLError",
+    "LeaseInfo",
     "Namespace",
+    "NodeInfo",
     "NotAcceptingEventsError",
     "PassResult",
     "PurgeResult",

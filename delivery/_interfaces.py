@@ -12,7 +12,10 @@ from .events import Event, StoredEvent
 from .records import (
     Attempt,
     DeadLetter,
+    Fence,
     Ingested,
+    LeaseInfo,
+    NodeInfo,
     QueuedEvent,
     ServiceRecord,
     ServiceSummary,
@@ -70,6 +73,7 @@ class IStore(IEventSource):
         queue: Sequence[tuple[str, int]],
         new_events: Sequence[StoredEvent],
         unwanted: Sequence[int] = (),
+        fence: Fence | None = None,
     ) -> Deferred[None]:
         """
         Add ``(service_id, stream_id)`` rows to the service queues and move the sorter
@@ -92,6 +96,39 @@ class IStore(IEventSource):
 
     def prune_seen(cutoff_ts: float, limit: int) -> Deferred[int]:
         """Forget up to ``limit`` ids of deleted events that arrived before ``cutoff_ts``."""
+
+    def ensure_leases(names: Sequence[str]) -> Deferred[None]:
+        """Several daemons: a row for each lease not known yet (free)."""
+
+    def read_cluster(ttl: float, now: float) -> Deferred[tuple[list[NodeInfo], list[LeaseInfo]]]:
+        """Every node (alive: a heartbeat younger than ``ttl``) and every lease."""
+
+    def heartbeat(
+        node: NodeInfo, incarnation: str, held: Sequence[str], now: float, ttl: float
+    ) -> Deferred[tuple[dict[str, int], list[NodeInfo], list[LeaseInfo]]]:
+        """
+        This node's heartbeat and the renewal of the leases ``held``: those renewed (still
+        this process's) with their epochs, every node and every lease.
+        """
+
+    def acquire_leases(
+        owner: str,
+        incarnation: str,
+        names: Sequence[str],
+        now: float,
+        ttl: float,
+        dead: Sequence[str] = (),
+    ) -> Deferred[dict[str, int]]:
+        """
+        Take those of ``names`` that are free or expired, or held by a process of ``dead``
+        (known to be gone), each at a new epoch.
+        """
+
+    def release_leases(incarnation: str, names: Sequence[str]) -> Deferred[None]:
+        """Give back those of ``names`` this process holds."""
+
+    def leave(node_id: str, incarnation: str) -> Deferred[None]:
+        """This node stops: its heartbeat row goes."""
 
     def free_pages() -> Deferred[int]:
         """Pages of the database file that hold nothing and can be given back (or 0)."""
@@ -120,6 +157,7 @@ class IStore(IEventSource):
         now: float,
         received_ts: Sequence[float],
         stream_ids: Sequence[int] = (),
+        fence: Fence | None = None,
     ) -> Deferred[int]:
         """
         Store a transaction with the service's next id and take its events (the queued
@@ -137,7 +175,11 @@ class IStore(IEventSource):
         """Stored transactions of a service with an id above ``after``, oldest first."""
 
     def complete_transaction(
-        service_id: str, txn_id: int, now: float, attempt: Attempt | None = None
+        service_id: str,
+        txn_id: int,
+        now: float,
+        attempt: Attempt | None = None,
+        fence: Fence | None = None,
     ) -> Deferred[None]:
         """
         The receiver acknowledged the transaction: forget it, note the success (and
@@ -152,13 +194,14 @@ class IStore(IEventSource):
         failure_count: int,
         next_retry_ts: float | None,
         attempt: Attempt | None = None,
+        fence: Fence | None = None,
     ) -> Deferred[None]:
         """
         Note a failed attempt on the transaction and on the service (and ``attempt``, the
         delivery log's row for it, in the same transaction).
         """
 
-    def set_state(service_id: str, state: str) -> Deferred[None]:
+    def set_state(service_id: str, state: str, fence: Fence | None = None) -> Deferred[None]:
         """Remember the service's state."""
 
     def summary(service_id: str) -> Deferred[ServiceSummary]:
@@ -182,6 +225,7 @@ class IStore(IEventSource):
         parts: Sequence[Sequence[tuple[str, bytes]]],
         now: float,
         attempt: Attempt | None = None,
+        fence: Fence | None = None,
     ) -> Deferred[list[StoredTransaction]]:
         """
         Replace a stored transaction by several with new ids, in order; each part is a
@@ -197,6 +241,7 @@ class IStore(IEventSource):
         answer: str | None,
         now: float,
         attempt: Attempt | None = None,
+        fence: Fence | None = None,
     ) -> Deferred[None]:
         """
         Set a rejected transaction's events aside as dead letters and forget it.
@@ -236,6 +281,13 @@ class IStore(IEventSource):
         """
         Have ``callback`` called when any process ingests events into this database, where
         the store can tell (PostgreSQL's NOTIFY); otherwise never.
+        """
+
+    def on_queued(callback: Callable[[list[str] | None], None]) -> None:
+        """
+        Call ``callback`` with the ids of the services another process queued events for
+        (None: maybe any, as when the connection that listens is back), so that their
+        senders here read their queues.
         """
 
     # -- replay --
@@ -320,4 +372,17 @@ class IDeliveryObserver(Interface):
         """
         Housekeeping deleted ``count`` rows of ``table`` (``events``, ``seen_events``,
         ``attempts``). Optional: an observer without this method is not told.
+        """
+
+    def lease_changed(lease: str, change: str) -> None:
+        """
+        This node's hold on a lease (``router``, or ``service:`` and an id) changed:
+        ``acquired``, ``released`` (given back), ``lost`` (taken by another node, or not
+        renewed in time). Optional, as ``housekept``.
+        """
+
+    def write_refused(lease: str) -> None:
+        """
+        The database refused a write made under a lease this node no longer holds (its
+        epoch is stale): nothing was written. Optional, as ``housekept``.
         """

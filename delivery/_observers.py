@@ -55,3 +55,9 @@ class Observers:
 
     def housekept(self, table: str, count: int) -> None:
         self._tell("housekept", table, count)
+
+    def lease_changed(self, lease: str, change: str) -> None:
+        self._tell("lease_changed", lease, change)
+
+    def write_refused(self, lease: str) -> None:
+        self._tell("write_refused", lease)

@@ -13,7 +13,7 @@ the pool forgotten) before it can be started here again.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -23,7 +23,7 @@ from ._interfaces import ISender, IStore
 from ._state import ServiceHandle, State
 from .matrix import ConnectionPool, MatrixSender
 from .pool import EventPool
-from .records import ServiceRecord
+from .records import Fence, ServiceRecord
 from .recoverer import Recoverer
 from .registration import Registration
 from .transactions import TransactionMaker
@@ -90,18 +90,29 @@ class Services:
             starts[registration.id] = Start(records[registration.id], stored is not None)
         return starts
 
-    def start(self, registration: Registration, start: Start) -> None:
-        """Start delivering a service here, from what :meth:`prepare` read."""
+    def start(
+        self,
+        registration: Registration,
+        start: Start,
+        fence: Fence | None = None,
+        on_refused: Callable[[str], None] | None = None,
+    ) -> None:
+        """
+        Start delivering a service here, from what :meth:`prepare` read; every write for
+        it under ``fence`` (several daemons), ``on_refused`` told if one is refused.
+        """
         if not self.sends(registration):
             return
         self._pool.widen(registration.options.max_events)
         record = start.record
         if record.state == str(State.DISABLED):
             # The receiver said it is gone: only an operator sends to it again.
-            handle = self._handle(registration, State.DISABLED)
+            handle = self._handle(registration, State.DISABLED, fence, on_refused)
             handle.last_error = record.last_error
             return
-        handle = self._handle(registration, State.DOWN if start.stored else State.UP)
+        handle = self._handle(
+            registration, State.DOWN if start.stored else State.UP, fence, on_refused
+        )
         handle.failure_count = record.failure_count
         handle.last_error = record.last_error
         if start.stored:
@@ -132,6 +143,12 @@ class Services:
         stopping = Deferred.fromCoroutine(self._wind_down(handle))
         if not stopping.called:
             self._stopping[service_id] = stopping
+
+    async def stopped(self, service_id: str) -> None:
+        """Wait until a service stopped here has stopped (its loop ended, its state written)."""
+        stopping = self._stopping.get(service_id)
+        if stopping is not None:
+            await stopping
 
     async def _wind_down(self, handle: ServiceHandle) -> None:
         try:
@@ -168,7 +185,20 @@ class Services:
             sender = MatrixSender(registration, self._connections, self._clock)
         return sender
 
-    def _handle(self, registration: Registration, state: State) -> ServiceHandle:
-        handle = ServiceHandle(registration, self._sender(registration), self._recoverer, state)
+    def _handle(
+        self,
+        registration: Registration,
+        state: State,
+        fence: Fence | None = None,
+        on_refused: Callable[[str], None] | None = None,
+    ) -> ServiceHandle:
+        handle = ServiceHandle(
+            registration,
+            self._sender(registration),
+            self._recoverer,
+            state,
+            fence=fence,
+            on_refused=on_refused,
+        )
         self._handles[registration.id] = handle
         return handle

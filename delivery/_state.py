@@ -22,6 +22,7 @@ operator enables the service again.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from typing import Protocol
 
 import attrs
@@ -30,7 +31,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 
 from ._interfaces import ISender, SendResult
-from .records import Attempt, StoredTransaction
+from .records import Attempt, Fence, StoredTransaction
 from .registration import Registration
 
 
@@ -160,6 +161,10 @@ class ServiceHandle:
     retired: bool = False
     #: the last of the writes recording this service's state, in order
     persisting: Deferred[None] | None = None
+    #: the lease every write for it is made under (several daemons), or None
+    fence: Fence | None = None
+    #: told when the database refused a write under ``fence`` (another node has it)
+    on_refused: Callable[[str], None] | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.state is State.DOWN:
@@ -172,6 +177,12 @@ class ServiceHandle:
     @property
     def id(self) -> str:
         return self.registration.id
+
+    def refused(self, lease: str) -> None:
+        """A write under its lease was refused: nothing more is sent from here."""
+        self.retired = True
+        if self.on_refused is not None:
+            self.on_refused(lease)
 
     async def recorded(self) -> None:
         """Wait until the writes recording the service's state are done, however they end."""

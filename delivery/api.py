@@ -51,7 +51,9 @@ from .metrics import Metrics
 from .records import (
     OUTCOMES,
     Attempt,
+    ClusterView,
     DeadLetter,
+    LeaseInfo,
     ReloadResult,
     ReplayResult,
     ServiceStatus,
@@ -180,6 +182,7 @@ class Api(resource.Resource):
                 body=True,
             ),
             _Route(b"POST", re.compile(r"/v1/reload"), "admin", self.reload),
+            _Route(b"GET", re.compile(r"/v1/cluster"), "admin", self.get_cluster),
             _Route(b"GET", re.compile(r"/health"), None, self.health),
             _Route(b"HEAD", re.compile(r"/health"), None, self.health),
             _Route(b"GET", re.compile(r"/metrics"), "metrics", self.render_metrics),
@@ -492,6 +495,17 @@ class Api(resource.Resource):
             "removed": list(result.removed),
         }
 
+    async def get_cluster(self, request: server.Request) -> tuple[int, Any]:
+        view = await self.delivery.cluster()
+        if view is None:
+            raise ApiError(
+                404,
+                "M_NOT_FOUND",
+                "this daemon is not part of a cluster: its database is SQLite, which one"
+                " daemon uses at a time; use PostgreSQL to run several daemons",
+            )
+        return 200, cluster_json(view)
+
     async def health(self, request: server.Request) -> tuple[int, Any]:
         problem = self.delivery.store.health()
         if problem is not None:
@@ -524,6 +538,59 @@ def status_json(status: ServiceStatus) -> dict[str, Any]:
         "attempts": status.failure_count,
         "next_retry": status.next_retry,
         "last_txn_id": status.last_txn_id,
+        "owner": status.owner,
+    }
+
+
+def cluster_json(view: ClusterView) -> dict[str, Any]:
+    """
+    The nodes of a cluster and who holds what. A lease counts as held only while it is
+    current (it has an owner and has not expired by ``view.now``); ``expires_in`` is then
+    the seconds left, else null.
+    """
+
+    def held(lease: LeaseInfo) -> bool:
+        return (
+            lease.owner is not None
+            and lease.expires_ts is not None
+            and lease.expires_ts >= view.now
+        )
+
+    services = sorted(view.services, key=lambda item: item[0])
+    holding: dict[str, list[str]] = {}
+    for service_id, lease in services:
+        if held(lease):
+            holding.setdefault(str(lease.owner), []).append(service_id)
+    return {
+        "node_id": view.node_id,
+        "lease_ttl": view.lease_ttl,
+        "router": view.router,
+        "nodes": [
+            {
+                "node_id": node.node_id,
+                "host": node.host,
+                "pid": node.pid,
+                "started": node.started_ts,
+                "heartbeat_age": max(0.0, view.now - node.heartbeat_ts),
+                "alive": node.alive,
+                "leases": holding.get(node.node_id, []),
+                "router": node.node_id == view.router,
+            }
+            for node in sorted(view.nodes, key=lambda n: n.node_id)
+        ],
+        "services": [
+            {
+                "service_id": service_id,
+                "owner": lease.owner if held(lease) else None,
+                "epoch": lease.epoch,
+                "expires_in": (
+                    None
+                    if not held(lease) or lease.expires_ts is None
+                    else lease.expires_ts - view.now
+                ),
+            }
+            for service_id, lease in services
+        ],
     }
 
 

@@ -5,6 +5,8 @@ The ``delivery`` command (``.venv/bin/delivery`` in a clone set up by ``scripts/
 - ``delivery check-config [--config] FILE``: check a configuration and every registration
   it names, with the environment the command runs in;
 - ``delivery status [--config] FILE``: ask the running daemon how its services are doing;
+- ``delivery cluster [--config] FILE``: ask the running daemon (on PostgreSQL) which
+  daemons share its database and which of them sends to which service;
 - ``delivery attempts SERVICE [--config] FILE [--limit N] [--outcome X]``: show the running
   daemon's delivery log of one service, newest first;
 - ``delivery replay SERVICE [--config] FILE --from-ts T | --since S | --from-stream-id N``:
@@ -64,6 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "check-config", help="check a configuration and the registrations it names"
     )
     status = commands.add_parser("status", help="show the services of a running daemon")
+    cluster = commands.add_parser(
+        "cluster", help="show the daemons sharing a running daemon's database, and their leases"
+    )
     attempts = commands.add_parser(
         "attempts", help="show the delivery log of one service of a running daemon"
     )
@@ -72,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "replay", help="queue recent events again for one service of a running daemon"
     )
     replay.add_argument("service", metavar="SERVICE", help="the id of the service")
-    for command in (run, checker, status, attempts, replay):
+    for command in (run, checker, status, cluster, attempts, replay):
         command.add_argument(
             "config_file",
             nargs="?",
@@ -82,14 +87,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         command.add_argument(
             "--config", "-c", metavar="CONFIG", help="the configuration file, as an option"
         )
-    status.add_argument("--url", help="the daemon's base URL (default: from the config's listen)")
-    status.add_argument("--json", action="store_true", help="print the daemon's JSON answer")
+    for command in (status, cluster):
+        command.add_argument(
+            "--url", help="the daemon's base URL (default: from the config's listen)"
+        )
+        command.add_argument("--json", action="store_true", help="print the daemon's JSON answer")
     _replay_options(replay)
     _attempts_options(attempts)
     subcommands = {
         "run": run,
         "check-config": checker,
         "status": status,
+        "cluster": cluster,
         "attempts": attempts,
         "replay": replay,
     }
@@ -109,6 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _attempts(config, args.url, args.service, _attempts_query(args), args.json)
         elif args.command == "replay":
             _replay(config, args.url, args.service, _replay_body(replay, args), args.json)
+        elif args.command == "cluster":
+            _cluster(config, args.url, args.json)
         else:
             _status(config, args.url, args.json, time.time())
     except _Failed as e:
@@ -197,6 +208,9 @@ def _check_config(path: str) -> None:
         raise _unset(path, environment.unset)
     database = redact_url(config.database)
     print(f"{path}: valid; database {database}; listening on {config.listen}")
+    node = config.node()
+    if node is not None:
+        print(f"  cluster node {node.node_id}, lease_ttl {node.lease_ttl:g} s")
     for registration in registrations:
         namespaces = len(registration.users) + len(registration.rooms) + len(registration.aliases)
         url = redact_url(registration.url) if registration.url else "(no url: receives nothing)"
@@ -308,10 +322,12 @@ def _error_text(body: bytes) -> str:
     return " ".join(text.split()) or "(no explanation)"
 
 
-#: the columns of ``delivery status``: heading, and whether it is right-aligned
+#: the columns of ``delivery status``: heading, and whether it is right-aligned (the
+#: owner's only when some service has one: several daemons on one PostgreSQL)
 _COLUMNS = (
     ("service", False),
     ("state", False),
+    ("owner", False),
     ("queued", True),
     ("stored", True),
     ("oldest", True),
@@ -324,7 +340,8 @@ _COLUMNS = (
 def status_table(services: Sequence[Mapping[str, Any]], now: float) -> str:
     """
     The services of a ``GET /v1/services`` answer as a table: a line each, with the next
-    retry as a time from ``now`` and a clock time, the failures in a row and the last error.
+    retry as a time from ``now`` and a clock time, the failures in a row and the last error;
+    and the node that sends to each, when some service has one (on PostgreSQL).
     """
     rows = [[heading for heading, _ in _COLUMNS]]
     for s in services:
@@ -333,6 +350,7 @@ def status_table(services: Sequence[Mapping[str, Any]], now: float) -> str:
             [
                 str(s["service_id"]),
                 str(s["state"]),
+                str(s.get("owner") or "-"),
                 str(s["queued_events"]),
                 str(s["stored_transactions"]),
                 "-" if age is None else duration(age),
@@ -341,7 +359,85 @@ def status_table(services: Sequence[Mapping[str, Any]], now: float) -> str:
                 " ".join(str(s.get("last_error") or "").split()),
             ]
         )
+    if not any(s.get("owner") for s in services):
+        owner = [heading for heading, _ in _COLUMNS].index("owner")
+        columns = [c for i, c in enumerate(_COLUMNS) if i != owner]
+        return _table([[c for i, c in enumerate(row) if i != owner] for row in rows], columns)
     return _table(rows, _COLUMNS)
+
+
+# -- cluster --
+
+#: the columns of ``delivery cluster``'s nodes and services
+_NODE_COLUMNS = (
+    ("node", False),
+    ("host", False),
+    ("pid", True),
+    ("heartbeat", True),
+    ("alive", False),
+    ("router", False),
+    ("services", True),
+)
+_LEASE_COLUMNS = (
+    ("service", False),
+    ("owner", False),
+    ("epoch", True),
+    ("expires in", True),
+)
+
+
+def _cluster(path: str, url: str | None, raw: bool) -> None:
+    body, text = _ask(path, url, "/v1/cluster", cluster_text, explained=(404,))
+    if raw:
+        print(json.dumps(body, indent=2))
+        return
+    print(text, end="")
+
+
+def cluster_text(cluster: Mapping[str, Any]) -> str:
+    """
+    A ``GET /v1/cluster`` answer as text: a line naming the node that answered, the lease
+    time and the router; a table of the nodes (how long ago each wrote its heartbeat,
+    whether it counts as alive, whether it routes, how many services it sends to); and one
+    of the services (the node sending to each, its lease's epoch and how long the lease
+    has left).
+    """
+    router = cluster["router"] or "none (no node holds the router lease)"
+    lines = [
+        f"node {cluster['node_id']} answered; lease_ttl {cluster['lease_ttl']:g}s;"
+        f" router: {router}\n",
+        "\n",
+    ]
+    nodes = [[heading for heading, _ in _NODE_COLUMNS]]
+    for n in cluster["nodes"]:
+        nodes.append(
+            [
+                str(n["node_id"]),
+                str(n["host"]),
+                str(n["pid"]),
+                f"{duration(float(n['heartbeat_age']))} ago",
+                "yes" if n["alive"] else "no",
+                "yes" if n["router"] else "no",
+                str(len(n["leases"])),
+            ]
+        )
+    lines.append(_table(nodes, _NODE_COLUMNS))
+    services = [[heading for heading, _ in _LEASE_COLUMNS]]
+    for s in cluster["services"]:
+        expires = s["expires_in"]
+        services.append(
+            [
+                str(s["service_id"]),
+                str(s["owner"] or "-"),
+                str(s["epoch"]),
+                "-" if expires is None else duration(float(expires)),
+            ]
+        )
+    if len(services) > 1:
+        lines += ["\n", _table(services, _LEASE_COLUMNS)]
+    else:
+        lines += ["\n", "(no services)\n"]
+    return "".join(lines)
 
 
 def _table(rows: Sequence[Sequence[str]], columns: Sequence[tuple[str, bool]]) -> str:

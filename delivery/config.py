@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+from urllib.parse import urlsplit
 
 import attrs
 
 from ._log import LEVELS as LOG_LEVELS
 from ._yaml import UnreadableYAML, read_yaml
+from .cluster import Cluster
 from .errors import DeliveryError, InvalidStoreURLError
-from .events import DEFAULT_MAX_EVENT_BYTES
+from .events import DEFAULT_MAX_EVENT_BYTES, shorten
 from .housekeeping import Housekeeping
 from .registration import DeliveryOptions, InvalidOptionError, Registration, parse_options
 from .store import open_store
@@ -55,6 +57,22 @@ class HttpConfig:
     max_connections: int = 512
     #: seconds a request body may take to arrive once its headers are in
     body_timeout: float = 30.0
+
+
+_CLUSTER_TTL = cast(float, attrs.fields(Cluster).lease_ttl.default)
+
+
+@attrs.frozen
+class ClusterConfig:
+    """
+    How this daemon takes part in a cluster of daemons sharing one PostgreSQL (the
+    ``cluster:`` section; see :class:`~delivery.cluster.Cluster`).
+    """
+
+    #: unique among the daemons running at once; None: ``host:pid``
+    node_id: str | None = None
+    #: seconds: a lease not renewed for this long expires, a heartbeat this old is gone
+    lease_ttl: float = _CLUSTER_TTL
 
 
 _HOUSEKEEPING = Housekeeping()
@@ -93,6 +111,26 @@ class Config:
     defaults: DeliveryOptions = attrs.Factory(DeliveryOptions)
     log: LogConfig = attrs.Factory(LogConfig)
     http: HttpConfig = attrs.Factory(HttpConfig)
+    #: the ``cluster:`` section as written (None when there is none); see :meth:`node`
+    cluster: ClusterConfig | None = None
+
+    @property
+    def single_process(self) -> bool:
+        """Whether the database is SQLite, which one process uses at a time."""
+        return urlsplit(self.database).scheme == "sqlite"
+
+    def node(self) -> Cluster | None:
+        """
+        How this daemon joins the cluster of its database: None on SQLite (no cluster); on
+        PostgreSQL the ``cluster:`` section, or the defaults without one (a daemon on
+        PostgreSQL alone is a cluster of one).
+        """
+        if self.single_process:
+            return None
+        section = self.cluster or ClusterConfig()
+        if section.node_id is None:
+            return Cluster(lease_ttl=section.lease_ttl)
+        return Cluster(node_id=section.node_id, lease_ttl=section.lease_ttl)
 
     def housekeeping(self) -> Housekeeping:
         """The housekeeping these keys describe."""
@@ -267,6 +305,8 @@ def parse_config(
         ),
     )
 
+    cluster = _cluster_section(get("cluster"), database, fail, expand)
+
     admin_token = token("admin_token")
     listen = string("listen", DEFAULT_LISTEN)
     problem = _endpoint_problem(listen, reactor)
@@ -326,7 +366,48 @@ def parse_config(
         defaults=defaults,
         log=LogConfig(level),
         http=http,
+        cluster=cluster,
     )
+
+
+def _cluster_section(
+    raw: object,
+    database: str,
+    fail: Callable[[str | None, str], ConfigError],
+    expand: Callable[[str, object], object],
+) -> ClusterConfig | None:
+    """The ``cluster:`` section, checked; None when the file has none."""
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise fail("cluster", "must be a mapping, such as {node_id: delivery-1, lease_ttl: 15}")
+    known = {a.name for a in attrs.fields(ClusterConfig)}
+    for key in raw:
+        if key not in known:
+            raise fail(f"cluster.{key}", f"is not a known key (known: {', '.join(sorted(known))})")
+    if urlsplit(database).scheme == "sqlite":
+        raise fail(
+            "cluster",
+            "SQLite is single-process: one daemon has the file at a time; use PostgreSQL to"
+            " run several daemons (or remove the cluster section)",
+        )
+    node_id = raw.get("node_id")
+    if node_id is not None:
+        node_id = expand("cluster.node_id", node_id)
+        if not isinstance(node_id, str) or not node_id.strip() or len(node_id) > 200:
+            raise fail(
+                "cluster.node_id",
+                "must be a name of 1 to 200 characters, unique among the daemons, not"
+                f" {shorten(repr(node_id))}",
+            )
+    lease_ttl = raw.get("lease_ttl", _CLUSTER_TTL)
+    if (
+        isinstance(lease_ttl, bool)
+        or not isinstance(lease_ttl, (int, float))
+        or not 3 <= lease_ttl < float("inf")
+    ):
+        raise fail("cluster.lease_ttl", f"must be a number of seconds >= 3, not {lease_ttl!r}")
+    return ClusterConfig(node_id=node_id, lease_ttl=lease_ttl)
 
 
 def _endpoint_problem(description: str, reactor: Any) -> str | None:

@@ -141,6 +141,7 @@ class Daemon(MultiService):
             server_name=config.server_name,
             start_timeout=config.start_timeout,
             housekeeping=config.housekeeping(),
+            cluster=config.node(),
         )
         self.delivery.setServiceParent(self)  # type: ignore[no-untyped-call]
         self.metrics = Metrics(self.delivery.clock)
@@ -168,10 +169,14 @@ class Daemon(MultiService):
             self.reactor.callWhenRunning(self._guard_stop_signals)
             self.reactor.addSystemEventTrigger("before", "shutdown", self._stopping)
         self.delivery.started().addErrback(self._not_started)
+        node = self.config.node()
         log.info(
-            "delivery starting: {count} application service(s), database {database}",
+            "delivery starting: {count} application service(s), database {database}{node}",
             count=len(self.delivery.registrations),
             database=redact_url(self.config.database),
+            node=""
+            if node is None
+            else f", as node {node.node_id} of its cluster (lease_ttl {node.lease_ttl:g} s)",
         )
 
     def _not_started(self, failure: Failure) -> None:
@@ -226,6 +231,8 @@ class Daemon(MultiService):
             for key in ("database", "listen", "poll_interval", "server_name", "max_event_bytes")
             if getattr(config, key) != getattr(self.config, key)
         ]
+        if config.node() != self.config.node():
+            needs_restart.append("cluster")
         if needs_restart:
             log.warn(
                 "changed configuration keys need a restart to apply: {keys}",

@@ -63,6 +63,17 @@ class StoreLockedError(DeliveryError):
     """
 
 
+class FencedError(DeliveryError):
+    """
+    The database refused a write made under a lease whose epoch is no longer current:
+    another node holds it now (several daemons on one PostgreSQL). Nothing was written.
+    """
+
+    def __init__(self, message: str, lease: str) -> None:
+        super().__init__(message)
+        self.lease = lease
+
+
 class StoreConfigurationError(DeliveryError):
     """
     The database refused us for a reason that waiting will not cure (no such role or

@@ -17,6 +17,7 @@ from zope.interface import implementer
 
 from ._interfaces import IDeliveryObserver, SendResult
 from ._state import State
+from .cluster import ROUTER
 from .records import StoredTransaction
 from .service import ORPHANED, DeliveryService
 
@@ -159,6 +160,32 @@ class Metrics:
             ["table"],
             registry=r,
         )
+        self.leases_held = Gauge(
+            "delivery_leases_held",
+            "Leases this daemon holds (several daemons on one PostgreSQL), by kind: router"
+            " (it routes the events) or service (it sends to that many services).",
+            ["kind"],
+            registry=r,
+        )
+        self.lease_changes = Counter(
+            "delivery_lease_changes",
+            "Leases this daemon acquired, released, or lost (not renewed in time: it stopped"
+            " using them).",
+            ["lease", "change"],
+            registry=r,
+        )
+        self.writes_refused = Counter(
+            "delivery_writes_refused",
+            "Writes the database refused because this daemon's lease was no longer current"
+            " (another daemon had taken it over).",
+            ["lease"],
+            registry=r,
+        )
+        self.cluster_nodes = Gauge(
+            "delivery_cluster_nodes",
+            "Daemons of the cluster whose heartbeat is current, this one included.",
+            registry=r,
+        )
 
     # -- IDeliveryObserver --
 
@@ -190,6 +217,12 @@ class Metrics:
 
     def housekept(self, table: str, count: int) -> None:
         self.housekeeping_deleted.labels(table).inc(count)
+
+    def lease_changed(self, lease: str, change: str) -> None:
+        self.lease_changes.labels(lease, change).inc()
+
+    def write_refused(self, lease: str) -> None:
+        self.writes_refused.labels(lease).inc()
 
     # -- scraping --
 
@@ -227,6 +260,12 @@ class Metrics:
             self.database_size.set(size)
             for table, count in rows.items():
                 self.database_rows.labels(table).set(count)
+        view = await service.cluster()
+        if view is not None:  # (SQLite: no cluster, none of these)
+            held = service.leases_held
+            self.leases_held.labels("router").set(1 if ROUTER in held else 0)
+            self.leases_held.labels("service").set(len(held - {ROUTER}))
+            self.cluster_nodes.set(sum(1 for node in view.nodes if node.alive))
         lag, oldest_unrouted = await service.store.sorter_lag()
         self.lag_events.set(lag)
         self.lag_seconds.set(0 if oldest_unrouted is None else max(0.0, now - oldest_unrouted))

@@ -134,6 +134,12 @@ class EventPool:
         for service_id in list(self._windows):
             self.on_ready(service_id)
 
+    def touch(self, service_id: str) -> None:
+        """Events were queued for the service elsewhere (another process): read them."""
+        window = self._window(service_id)
+        window.backlog = window.touched = True
+        self.on_ready(service_id)
+
     def rewind(self, service_id: str) -> None:
         """
         Events older than the window's were queued again (a redrive): the next batch reads

@@ -160,6 +160,9 @@ class ServiceStatus:
     next_retry: float | None
     #: the highest transaction id given out so far
     last_txn_id: int
+    #: the node that sends to it (several daemons on one PostgreSQL): the holder of its
+    #: lease while the lease is current; None when no one holds it, or without a cluster
+    owner: str | None = None
 
 
 @attrs.frozen
@@ -191,3 +194,59 @@ class ReplayResult:
     last_stream_id: int | None
     #: part of the range may have been deleted by retention already, and so not replayed
     partly_deleted: bool
+
+
+@attrs.frozen
+class Fence:
+    """
+    A lease held (several daemons on one PostgreSQL): every write its holder makes under
+    it carries it, and the database refuses the write once ``epoch`` is not the lease's
+    current one.
+    """
+
+    #: ``router``, or ``service:`` and a service id
+    lease: str
+    epoch: int
+
+
+@attrs.frozen
+class NodeInfo:
+    """One daemon of a cluster, as its heartbeat row says."""
+
+    node_id: str
+    host: str
+    pid: int
+    started_ts: float
+    heartbeat_ts: float
+    #: its heartbeat is younger than ``lease_ttl``
+    alive: bool
+    #: the process that beats for it (random at each start)
+    incarnation: str = ""
+
+
+@attrs.frozen
+class LeaseInfo:
+    """A lease: who holds it (a node id, None when free), at which epoch, until when."""
+
+    name: str
+    owner: str | None
+    epoch: int
+    expires_ts: float | None
+    #: the holding process (see :attr:`NodeInfo.incarnation`)
+    incarnation: str | None = None
+
+
+@attrs.frozen
+class ClusterView:
+    """What :meth:`DeliveryService.cluster` reports: the nodes and what each holds."""
+
+    #: this node's id
+    node_id: str
+    #: the clock's time when this was read
+    now: float
+    lease_ttl: float
+    nodes: tuple[NodeInfo, ...]
+    #: the node that routes events (holds a current ``router`` lease), if any
+    router: str | None
+    #: every service's lease, by service id
+    services: tuple[tuple[str, LeaseInfo], ...]

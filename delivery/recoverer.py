@@ -22,7 +22,7 @@ from ._interfaces import IStore, SendResult
 from ._log import Logger
 from ._observers import Observers
 from ._state import ServiceHandle, State, Wait
-from .errors import StoreUnavailableError
+from .errors import FencedError, StoreUnavailableError
 from .records import Attempt, StoredTransaction
 
 log = Logger()
@@ -106,6 +106,7 @@ class Recoverer:
                     failures,
                     next_retry,
                     attempt=attempt,
+                    fence=handle.fence,
                 ),
             )
         if not (self._stopped or handle.retired):
@@ -201,6 +202,7 @@ class Recoverer:
                 handle.failure_count,
                 None,
                 attempt=attempt,
+                fence=handle.fence,
             ),
         )
         self._observers.state_changed(handle.id, str(old), str(State.DISABLED), result.error)
@@ -285,7 +287,9 @@ class Recoverer:
         self._persist(handle, state)
 
     def _persist(self, handle: ServiceHandle, state: State) -> None:
-        self._background(handle, lambda: self._store.set_state(handle.id, str(state)))
+        self._background(
+            handle, lambda: self._store.set_state(handle.id, str(state), fence=handle.fence)
+        )
 
     def _background(self, handle: ServiceHandle, write: Callable[[], Deferred[None]]) -> None:
         """
@@ -294,7 +298,10 @@ class Recoverer:
         """
 
         def done(failure: Failure) -> None:
-            if failure.check(StoreUnavailableError):
+            if failure.check(FencedError):
+                log.info("{service}: {error}", service=handle.id, error=failure.value)
+                handle.refused(getattr(failure.value, "lease", ""))
+            elif failure.check(StoreUnavailableError):
                 # The store has warned of the outage: this is only one of its consequences.
                 log.info(
                     "could not record the state of {service}: {error}",

@@ -23,6 +23,7 @@ from ._observers import Observers
 from ._replay import Replayer, ReplayRange
 from ._services import Services
 from ._state import State
+from .cluster import Cluster, ClusterMember
 from .errors import (
     DeliveryError,
     NotAcceptingEventsError,
@@ -38,7 +39,9 @@ from .pool import DEFAULT_WINDOW, EventPool
 from .records import (
     OUTCOMES,
     Attempt,
+    ClusterView,
     DeadLetter,
+    Fence,
     PurgeResult,
     ReloadResult,
     ReplayResult,
@@ -54,6 +57,12 @@ from .transactions import TransactionMaker
 
 log = Logger()
 T = TypeVar("T")
+
+
+class _OnPostgres:
+    """The default of ``cluster``: a cluster (of one, unless others join) on PostgreSQL."""
+
+
 P = ParamSpec("P")
 
 
@@ -121,6 +130,7 @@ class DeliveryService(Service):
         rng: random.Random | None = None,
         start_timeout: float = 60.0,
         housekeeping: Housekeeping | None = None,
+        cluster: Cluster | type[_OnPostgres] | None = _OnPostgres,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
@@ -172,6 +182,7 @@ class DeliveryService(Service):
         #: one reload at a time: each one's changes are worked out from the last one's
         self._reloading = DeferredLock()
         self._replayer = Replayer(store, self._sorter, self.clock)
+        self._member = self._cluster_member(cluster)
         self._starting: Deferred[None] | None = None
         self._start_failure: Failure | None = None
         self._start_waiters: list[Deferred[None]] | None = None
@@ -213,11 +224,70 @@ class DeliveryService(Service):
         if self._start_failure is not None:
             self._start_failure.raiseException()
 
+    def _cluster_member(self, cluster: Cluster | type[_OnPostgres] | None) -> ClusterMember | None:
+        # (a store of PostgreSQL's dialect is one several processes can share)
+        shared = getattr(getattr(self.store, "dialect", None), "name", "") == "postgres"
+        if cluster is _OnPostgres:
+            cluster = Cluster() if shared else None
+        if not isinstance(cluster, Cluster):
+            return None
+        if not shared:
+            raise ValueError(
+                "a cluster needs PostgreSQL: SQLite is single-process (one daemon per file)"
+            )
+        self._sorter.on_refused = self._on_refused
+        self.store.on_queued(self._queued_elsewhere)
+        return ClusterMember(self.store, cluster, self.clock, self, self._observers)
+
+    # -- the cluster's node (delivery.cluster.Node) --
+
+    def service_ids(self) -> list[str]:
+        return sorted(r.id for r in self.registrations.values() if self._services.sends(r))
+
+    async def start_sending(self, service_id: str, fence: Fence) -> None:
+        registration = self.registrations[service_id]
+        starts = await self._services.prepare([registration])
+        self._pool.reset(service_id)
+        self._services.start(registration, starts[service_id], fence, self._on_refused)
+
+    async def stop_sending(self, service_id: str) -> None:
+        if service_id in self._services:
+            self._services.stop(service_id)
+        await self._services.stopped(service_id)
+
+    async def start_routing(self, fence: Fence) -> None:
+        position = await self.store.sorter_position()
+        self._sorter.start(position, fence)
+
+    async def stop_routing(self) -> None:
+        await self._sorter.stop()
+
+    def _on_refused(self, lease: str) -> None:
+        if self._member is not None:
+            self._member.refused(lease)
+
+    def _queued_elsewhere(self, service_ids: list[str] | None) -> None:
+        """Another node routed events: the services sending here read their queues."""
+        for service_id in service_ids if service_ids is not None else self.service_ids():
+            if service_id in self._services:
+                self._pool.touch(service_id)
+
     async def _start_pipeline(self) -> None:
         # Everything read first, retried while the database is away for a moment (a
         # restart of the server as we start); then everything started at once.
         registrations = list(self.registrations.values())
         await self._while_unavailable(self.store.open)
+        if self._member is not None:
+            # Several daemons: what runs here follows the leases this node takes.
+            await self._while_unavailable(
+                lambda: self.store.ensure_services([r.id for r in registrations])
+            )
+            await self._while_unavailable(self._member.start)
+            if not self._external_source:
+                self.store.on_new_events(self._sorter.wake)
+            self._age_check = self.clock.callLater(AGE_CHECK_INTERVAL, self._check_ages)
+            self._housekeeper.start()
+            return
         starts = await self._while_unavailable(lambda: self._services.prepare(registrations))
         position = await self._while_unavailable(self.store.sorter_position)
         for registration in registrations:
@@ -303,6 +373,8 @@ class DeliveryService(Service):
             self._age_check.cancel()
         self._services.halt()
         await self._housekeeper.stop()
+        if self._member is not None:
+            await self._member.stop()
         await self._sorter.stop()
         await self._services.close()
         await self._connections.close()
@@ -378,7 +450,44 @@ class DeliveryService(Service):
                 else None  # an orphaned service is never retried
             ),
             last_txn_id=record.last_txn_id,
+            owner=self._member.owner_of(service_id) if self._member is not None else None,
         )
+
+    @deferred
+    async def cluster(self) -> ClusterView | None:
+        """The nodes sharing this database and what each holds; None without a cluster."""
+        await self._started()
+        member = self._member
+        if member is None:
+            return None
+        now = self.clock.seconds()
+        ttl = member.options.lease_ttl
+        nodes, leases = await self.store.read_cluster(ttl, now)
+        current = {
+            lease.name: lease
+            for lease in leases
+            if lease.owner is not None and lease.expires_ts is not None and lease.expires_ts >= now
+        }
+        router = current.get("router")
+        services = tuple(
+            (service_id, lease)
+            for lease in leases
+            if lease.name.startswith("service:")
+            for service_id in (lease.name[len("service:") :],)
+        )
+        return ClusterView(
+            member.options.node_id,
+            now,
+            ttl,
+            tuple(nodes),
+            router.owner if router is not None else None,
+            services,
+        )
+
+    @property
+    def leases_held(self) -> frozenset[str]:
+        """The leases this node holds now (``router``, ``service:ID``)."""
+        return frozenset(self._member.held) if self._member is not None else frozenset()
 
     @deferred
     async def retry_now(self, service_id: str) -> None:
@@ -420,6 +529,16 @@ class DeliveryService(Service):
         # settings apply from its next batch, and no second loop can start beside the
         # first. Only a service that starts or stops sending changes hands.
         services = self._services
+        if self._member is not None:
+            # Several daemons: the leases decide where a service starts and stops.
+            self.registrations = new
+            self._sorter.index = InterestIndex(new.values(), server_name=self._server_name)
+            for service_id in changed:
+                if service_id in services and services.sends(new[service_id]):
+                    services.update(new[service_id])
+            await self.store.ensure_services(added)
+            await self._member.tick()
+            return ReloadResult(tuple(added), tuple(changed), tuple(removed))
         kept = [i for i in changed if i in services and services.sends(new[i])]
         stopping = [i for i in removed + changed if i in services and i not in kept]
         starting = [new[i] for i in added + changed if i not in kept and i not in stopping]

@@ -25,11 +25,11 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from ._interfaces import IEventSource, IStore
 from ._log import Logger
 from ._observers import Observers
-from .errors import StoreUnavailableError
+from .errors import FencedError, StoreUnavailableError
 from .events import Event, StoredEvent
 from .interest import InterestIndex
 from .pool import EventPool
-from .records import Ingested, QueuedEvent
+from .records import Fence, Ingested, QueuedEvent
 
 log = Logger()
 
@@ -76,10 +76,16 @@ class EventSorter:
         self._idle_waiters: list[Deferred[None]] = []
         #: batches just committed, each with the position stored before it
         self._fresh: deque[tuple[int, list[StoredEvent]]] = deque(maxlen=MAX_FRESH)
+        #: the router's lease every commit is made under (several daemons), or None
+        self.fence: Fence | None = None
+        #: told when the database refused a commit under ``fence`` (another node routes)
+        self.on_refused: Callable[[str], None] | None = None
 
-    def start(self, position: int) -> None:
+    def start(self, position: int, fence: Fence | None = None) -> None:
         """Route events from stream ``position`` on (the store's sorter position)."""
         self.position = position
+        self.fence = fence
+        self._unsure = False
         self._stopped = False
         self.wake()
 
@@ -158,7 +164,12 @@ class EventSorter:
             # A commit may have happened even though its answer was lost: start the next
             # pass from what the database says.
             paused, self._unsure = self._unsure, True
-            if isinstance(e, StoreUnavailableError):
+            if isinstance(e, FencedError):
+                log.info("routing stopped: {error}", error=str(e))
+                self._stopped = True
+                if self.on_refused is not None:
+                    self.on_refused(e.lease)
+            elif isinstance(e, StoreUnavailableError):
                 if not paused:  # once, not at every pass while the database is away
                     log.warn("routing events paused: {error}", error=str(e))
             else:
@@ -211,7 +222,7 @@ class EventSorter:
                 unwanted.append(stored.stream_id)
         position = events[-1].stream_id
         await self._store.commit_sorted(
-            position, queue, wanted if self._copy_events else (), unwanted
+            position, queue, wanted if self._copy_events else (), unwanted, fence=self.fence
         )
         self.position = position
         for service_id, queued_events in by_service.items():

@@ -92,6 +92,10 @@ class RecordingObserver:
         self.routed: dict[str, int] = {}
         #: rows housekeeping deleted, by table, in all
         self.deleted: dict[str, int] = {}
+        #: ``(lease, change)`` for every change of this node's leases (several daemons)
+        self.leases: list[tuple[str, str]] = []
+        #: the lease of every write the database refused as stale
+        self.refused: list[str] = []
         self._waiting: list[tuple[Callable[[], bool], Deferred[None]]] = []
 
     # -- IDeliveryObserver --
@@ -123,6 +127,14 @@ class RecordingObserver:
 
     def housekept(self, table: str, count: int) -> None:
         self.deleted[table] = self.deleted.get(table, 0) + count
+        self._check()
+
+    def lease_changed(self, lease: str, change: str) -> None:
+        self.leases.append((lease, change))
+        self._check()
+
+    def write_refused(self, lease: str) -> None:
+        self.refused.append(lease)
         self._check()
 
     # -- waiting --

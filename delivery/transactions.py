@@ -23,7 +23,7 @@ from ._interfaces import IStore, SendResult
 from ._log import Logger
 from ._observers import Observers
 from ._state import ServiceHandle, State
-from .errors import StoreUnavailableError
+from .errors import FencedError, StoreUnavailableError
 from .events import split_body, transaction_body
 from .pool import EventPool
 from .records import Attempt, StoredTransaction
@@ -115,6 +115,11 @@ class TransactionMaker:
         Something other than the receiver failed (the database, a bug). Start over from
         what the database says, through the usual DOWN/recovery path.
         """
+        if failure.check(FencedError):
+            # another node holds the service now: nothing was written, nothing more is
+            log.info("{service}: {error}; stopped here", service=handle.id, error=failure.value)
+            handle.refused(getattr(failure.value, "lease", ""))
+            return
         if failure.check(StoreUnavailableError):
             error = failure.getErrorMessage()
         else:
@@ -155,7 +160,7 @@ class TransactionMaker:
         received = tuple(e.received_ts for e in events)
         positions = tuple(e.stream_id for e in events)
         txn_id = await self._store.store_transaction(
-            handle.id, first, last, len(events), body, now, received, positions
+            handle.id, first, last, len(events), body, now, received, positions, fence=handle.fence
         )
         self._pool.remove(handle.id, len(events))
         return StoredTransaction(
@@ -235,7 +240,7 @@ class TransactionMaker:
     ) -> None:
         """Delete a transaction answered 2xx (in the background, until the next send)."""
         await self._store.complete_transaction(
-            handle.id, txn.txn_id, self._clock.seconds(), attempt=attempt
+            handle.id, txn.txn_id, self._clock.seconds(), attempt=attempt, fence=handle.fence
         )
         self._observers.transaction_done(handle.id, txn, result)
 
@@ -270,6 +275,7 @@ class TransactionMaker:
                 answer,
                 now,
                 attempt=attrs.evolve(attempt, outcome="rejected"),
+                fence=handle.fence,
             )
             log.warn(
                 "{service} refused event {event_id} on its own ({error}): set aside as a"
@@ -282,7 +288,12 @@ class TransactionMaker:
             return True
         half = len(events) // 2
         parts = await self._store.split_transaction(
-            handle.id, txn.txn_id, [events[:half], events[half:]], now, attempt=attempt
+            handle.id,
+            txn.txn_id,
+            [events[:half], events[half:]],
+            now,
+            attempt=attempt,
+            fence=handle.fence,
         )
         for part in parts:
             if not await self.deliver(handle, part, bisecting):

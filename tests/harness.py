@@ -71,6 +71,10 @@ def make_service(
     store: Any, registrations: list[Registration], reactor: Any, **kwargs: Any
 ) -> tuple[DeliveryService, Recorder, Clock]:
     clock = kwargs.pop("clock", None) or Clock()
+    # Not a cluster unless a test asks: these tests move their clock in leaps, past any
+    # lease a renewal (a real round trip to PostgreSQL) would have kept; tests/test_cluster.py
+    # drives leases on the clock step by step.
+    kwargs.setdefault("cluster", None)
     service = DeliveryService(store, registrations, reactor=reactor, clock=clock, **kwargs)
     recorder = Recorder()
     service.observe(recorder)

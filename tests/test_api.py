@@ -456,6 +456,7 @@ async def test_service_status_follows_the_events(tmp_path, reactor, receiver):
             "attempts": 0,
             "next_retry": None,
             "last_txn_id": txn_id(store, 0),
+            "owner": None,  # SQLite: no cluster
         }
         assert answer.json() == {"services": [fresh]}
         assert await status_of(running, "a") == fresh

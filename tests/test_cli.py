@@ -94,7 +94,7 @@ def test_check_config_never_prints_a_password(tmp_path: Path, capsys: Any, datab
     assert "pw-in-url" not in out
 
 
-@pytest.mark.parametrize("command", ["check-config", "status", "run"])
+@pytest.mark.parametrize("command", ["check-config", "status", "cluster", "run"])
 def test_every_command_takes_the_configuration_either_way(
     tmp_path: Path, monkeypatch: Any, capsys: Any, command: str
 ) -> None:
@@ -106,6 +106,7 @@ def test_every_command_takes_the_configuration_either_way(
 
     monkeypatch.setattr(cli, "_check_config", seen.append)
     monkeypatch.setattr(cli, "_status", lambda path, *_: seen.append(path))
+    monkeypatch.setattr(cli, "_cluster", lambda path, *_: seen.append(path))
     monkeypatch.setattr(cli, "_run", run)
     monkeypatch.chdir(tmp_path)
     Path("delivery.yaml").touch()
@@ -122,6 +123,7 @@ def test_every_command_takes_the_configuration_either_way(
         (["check-config", "a.yaml", "b.yaml"], "unrecognized arguments: b.yaml"),
         (["run", "a.yaml", "--config", "b.yaml"], "two configurations given (a.yaml, b.yaml)"),
         (["status"], "no delivery.yaml in this folder: name the configuration, e.g. --config"),
+        (["cluster", "a.yaml", "--limit"], "unrecognized arguments: --limit"),
     ],
 )
 def test_a_bad_command_line_prints_the_subcommands_usage(
@@ -276,3 +278,158 @@ NOON = time.mktime((2026, 1, 15, 12, 0, 0, 0, 0, -1))
 )
 def test_the_next_retry_is_shown_from_now_and_by_the_clock(when: float | None, shown: str) -> None:
     assert cli.next_retry(when, NOON) == shown
+
+
+# -- cluster, and the owner in status --
+
+
+def test_check_config_names_the_cluster_node_and_refuses_one_on_sqlite(
+    tmp_path: Path, capsys: Any
+) -> None:
+    database = "postgresql://delivery:pw-in-url@127.0.0.1:5432/delivery"
+    config = write_config(
+        tmp_path, [], database=database, cluster={"node_id": "node-7", "lease_ttl": 6}
+    )
+    assert cli.main(["check-config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "  cluster node node-7, lease_ttl 6 s" in out
+    assert "pw-in-url" not in out
+    write_config(tmp_path, [], cluster={"node_id": "node-7"})
+    assert cli.main(["check-config", str(config)]) == 1
+    err = _one_line(capsys.readouterr().err)
+    assert f"invalid configuration {config}: key 'cluster': SQLite is single-process" in err
+    write_config(tmp_path, [], database=database, cluster={"lease_ttl": 1})
+    assert cli.main(["check-config", str(config)]) == 1
+    err = _one_line(capsys.readouterr().err)
+    assert "key 'cluster.lease_ttl': must be a number of seconds >= 3, not 1" in err
+    assert "pw-in-url" not in err
+
+
+def test_status_shows_an_owner_column_only_when_some_service_has_an_owner() -> None:
+    base = {"state": "up", "queued_events": 0, "stored_transactions": 0}
+    alone = cli.status_table([{**base, "service_id": "a", "owner": None}], NOON)
+    assert alone.splitlines()[0].split()[:3] == ["service", "state", "queued"]
+    shared = cli.status_table(
+        [
+            {**base, "service_id": "a", "owner": "node-1"},
+            {**base, "service_id": "b", "owner": None},
+        ],
+        NOON,
+    ).splitlines()
+    assert shared[0].split()[:4] == ["service", "state", "owner", "queued"]
+    assert re.match(r"a +up +node-1 +0 +0 +- +0 +-$", shared[1]), shared[1]
+    assert re.match(r"b +up +- +0 +0 +- +0 +-$", shared[2]), shared[2]
+
+
+CLUSTER = {
+    "node_id": "node-1",
+    "lease_ttl": 15,
+    "router": "node-1",
+    "nodes": [
+        {
+            "node_id": "node-1",
+            "host": "box1",
+            "pid": 4242,
+            "started": NOON - 3600,
+            "heartbeat_age": 1.2,
+            "alive": True,
+            "leases": ["a", "b"],
+            "router": True,
+        },
+        {
+            "node_id": "node-2",
+            "host": "box2",
+            "pid": 17,
+            "started": NOON - 60,
+            "heartbeat_age": 75,
+            "alive": False,
+            "leases": [],
+            "router": False,
+        },
+    ],
+    "services": [
+        {"service_id": "a", "owner": "node-1", "epoch": 3, "expires_in": 11.6},
+        {"service_id": "b", "owner": "node-1", "epoch": 1, "expires_in": 9},
+        {"service_id": "c", "owner": None, "epoch": 2, "expires_in": None},
+    ],
+}
+
+
+def test_cluster_text_shows_the_nodes_and_who_sends_to_what() -> None:
+    lines = cli.cluster_text(CLUSTER).splitlines()
+    assert lines[0] == "node node-1 answered; lease_ttl 15s; router: node-1"
+    assert lines[1] == ""
+    assert re.match(r"node +host +pid +heartbeat +alive +router +services$", lines[2])
+    assert re.match(r"node-1 +box1 +4242 +1s ago +yes +yes +2$", lines[3]), lines[3]
+    assert re.match(r"node-2 +box2 +17 +1m15s ago +no +no +0$", lines[4]), lines[4]
+    assert lines[5] == ""
+    assert re.match(r"service +owner +epoch +expires in$", lines[6])
+    assert re.match(r"a +node-1 +3 +12s$", lines[7]), lines[7]
+    assert re.match(r"b +node-1 +1 +9s$", lines[8]), lines[8]
+    assert re.match(r"c +- +2 +-$", lines[9]), lines[9]
+    empty = cli.cluster_text({**CLUSTER, "router": None, "services": []})
+    assert "router: none (no node holds the router lease)" in empty
+    assert empty.endswith("\n(no services)\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_cluster_on_sqlite_says_there_is_no_cluster(
+    tmp_path: Path, reactor: Any, capsys: Any
+) -> None:
+    config = write_config(tmp_path, [])
+    running = await start_daemon(config, reactor)
+    try:
+        code = await deferToThread(cli.main, ["cluster", str(config), "--url", running.url])
+    finally:
+        await running.daemon.stopService()
+    assert code == 1
+    err = _one_line(capsys.readouterr().err)
+    assert err.startswith("delivery: this daemon is not part of a cluster: its database is SQLite")
+    assert "use PostgreSQL to run several daemons" in err
+
+
+def test_cluster_says_when_no_daemon_answers(tmp_path: Path, capsys: Any) -> None:
+    port = _free_port()
+    config = write_config(tmp_path, [], listen=f"tcp:{port}:interface=127.0.0.1")
+    assert cli.main(["cluster", "-c", str(config)]) == 1
+    err = _one_line(capsys.readouterr().err)
+    assert err.startswith(f"delivery: no daemon answers at http://127.0.0.1:{port}: is it running?")
+
+
+@pytest_twisted.ensureDeferred
+async def test_cluster_and_status_on_postgres_show_the_node_and_its_leases(
+    tmp_path: Path, reactor: Any, receiver: Any, postgres_url: str, capsys: Any
+) -> None:
+    bridge = write_registration(tmp_path, "bridge", receiver.url)
+    config = write_config(
+        tmp_path, [bridge], database=postgres_url, cluster={"node_id": "node-one"}
+    )
+    running = await start_daemon(config, reactor)
+    try:
+        for _ in range(200):  # the lone node takes every lease
+            if running.daemon.delivery.leases_held >= {"router", "service:bridge"}:
+                break
+            await deferToThread(time.sleep, 0.05)
+        argv = [str(config), "--url", running.url]
+        cluster_code = await deferToThread(cli.main, ["cluster", *argv])
+        cluster_out = capsys.readouterr()
+        json_code = await deferToThread(cli.main, ["cluster", *argv, "--json"])
+        json_out = capsys.readouterr()
+        status_code = await deferToThread(cli.main, ["status", *argv])
+        status_out = capsys.readouterr()
+    finally:
+        await running.daemon.stopService()
+    assert (cluster_code, json_code, status_code) == (0, 0, 0), (
+        cluster_out.err + json_out.err + status_out.err
+    )
+    lines = cluster_out.out.splitlines()
+    assert lines[0] == "node node-one answered; lease_ttl 15s; router: node-one"
+    (node,) = [line for line in lines if line.startswith("node-one ")]
+    assert re.match(r"node-one +\S+ +\d+ +\d+s ago +yes +yes +1$", node), node
+    (lease,) = [line for line in lines if line.startswith("bridge ")]
+    assert re.match(r"bridge +node-one +\d+ +\d+s$", lease), lease
+    assert '"node_id": "node-one"' in json_out.out
+    header, row = status_out.out.splitlines()
+    assert header.split()[:3] == ["service", "state", "owner"]
+    assert re.match(r"bridge +up +node-one ", row), row
+    assert ADMIN not in cluster_out.out + json_out.out + status_out.out

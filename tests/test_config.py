@@ -195,3 +195,79 @@ def test_a_bad_housekeeping_key_is_named(data: dict[str, object], key: str, word
         parse({**TOKENS, **data})
     assert e.value.key == key
     assert words in str(e.value)
+
+
+# -- cluster --
+
+PG = {**TOKENS, "database": "postgresql://delivery@db.example.org/delivery"}
+
+
+def test_without_a_cluster_section_postgres_is_a_cluster_of_one_and_sqlite_none() -> None:
+    from delivery.cluster import Cluster, default_node_id
+
+    assert parse(TOKENS).cluster is None
+    assert parse(TOKENS).node() is None  # SQLite: no cluster
+    config = parse(PG)
+    assert config.cluster is None
+    assert config.node() == Cluster()
+    assert config.node() == Cluster(node_id=default_node_id(), lease_ttl=15)
+
+
+def test_the_cluster_section_sets_the_node_id_and_lease_ttl() -> None:
+    from delivery.cluster import Cluster
+
+    config = parse({**PG, "cluster": {"node_id": "delivery-${N}", "lease_ttl": 30}}, {"N": "2"})
+    assert config.node() == Cluster(node_id="delivery-2", lease_ttl=30)
+    assert parse({**PG, "cluster": {"lease_ttl": 4.5}}).node() == Cluster(lease_ttl=4.5)
+    assert parse({**PG, "cluster": {}}).node() == Cluster()
+    assert parse({**PG, "cluster": None}).node() == Cluster()
+
+
+@pytest.mark.parametrize(
+    ("cluster", "key", "words"),
+    [
+        ([], "cluster", "must be a mapping, such as {node_id: delivery-1, lease_ttl: 15}"),
+        ("node-1", "cluster", "must be a mapping"),
+        ({"node": "x"}, "cluster.node", "is not a known key (known: lease_ttl, node_id)"),
+        ({"node_id": ""}, "cluster.node_id", "must be a name of 1 to 200 characters"),
+        ({"node_id": "  "}, "cluster.node_id", "must be a name of 1 to 200 characters"),
+        ({"node_id": 7}, "cluster.node_id", "unique among the daemons, not 7"),
+        ({"node_id": "x" * 201}, "cluster.node_id", "must be a name of 1 to 200 characters"),
+        ({"node_id": "${UNSET_NODE}"}, "cluster.node_id", "UNSET_NODE, which is not set"),
+        ({"lease_ttl": 2}, "cluster.lease_ttl", "must be a number of seconds >= 3, not 2"),
+        ({"lease_ttl": 0}, "cluster.lease_ttl", "must be a number of seconds >= 3, not 0"),
+        ({"lease_ttl": -15}, "cluster.lease_ttl", ">= 3, not -15"),
+        ({"lease_ttl": "15s"}, "cluster.lease_ttl", ">= 3, not '15s'"),
+        ({"lease_ttl": True}, "cluster.lease_ttl", ">= 3, not True"),
+        ({"lease_ttl": float("inf")}, "cluster.lease_ttl", ">= 3, not inf"),
+        ({"lease_ttl": float("nan")}, "cluster.lease_ttl", ">= 3, not nan"),
+    ],
+)
+def test_a_bad_cluster_key_is_named(cluster: object, key: str, words: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse({**PG, "cluster": cluster})
+    assert e.value.key == key
+    assert words in str(e.value)
+    assert str(e.value).startswith("invalid configuration delivery.yaml: key ")
+    assert "x" * 100 not in str(e.value)  # a long value is quoted short
+
+
+def test_a_cluster_section_on_sqlite_says_to_use_postgres() -> None:
+    with pytest.raises(ConfigError) as e:
+        parse({**TOKENS, "cluster": {"node_id": "a"}})
+    assert e.value.key == "cluster"
+    assert "SQLite is single-process" in str(e.value)
+    assert "use PostgreSQL to run several daemons" in str(e.value)
+    with pytest.raises(ConfigError, match="SQLite is single-process"):
+        parse({**TOKENS, "cluster": {}})
+
+
+def test_a_cluster_section_does_not_leak_the_database_password() -> None:
+    data = {**TOKENS, "database": "postgresql://u:pw-in-url@h/d", "cluster": {"lease_ttl": 1}}
+    with pytest.raises(ConfigError) as e:
+        parse(data)
+    assert "pw-in-url" not in str(e.value)
+    sqlite = {**TOKENS, "database": "sqlite:///pw-in-path.db", "cluster": {}}
+    with pytest.raises(ConfigError) as e:
+        parse(sqlite)
+    assert "pw-in-path" not in str(e.value)

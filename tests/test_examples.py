@@ -132,3 +132,19 @@ async def test_the_embedding_example_names_what_is_wrong_in_a_registration(
     assert output.startswith("embed.py: invalid registration bridge.yaml: field "), output
     assert output.count("\n") == 1, output
     assert "Traceback" not in output
+
+
+def test_the_example_configurations_cluster_section_works_once_uncommented() -> None:
+    from delivery.cluster import Cluster
+    from delivery.config import parse_config
+
+    text = (ROOT / "examples/delivery.yaml").read_text()
+    assert "\n#cluster:\n" in text
+    uncommented = re.sub(r"^#(cluster:|  \w+:)", r"\1", text, flags=re.MULTILINE)
+    data = yaml.safe_load(uncommented)
+    assert set(data["cluster"]) == {"node_id", "lease_ttl"}
+    data["database"] = "postgresql://delivery@db.example.org/delivery"
+    environ = {"DELIVERY_INGEST_TOKEN": "i", "DELIVERY_ADMIN_TOKEN": "a"}
+    config = parse_config(data, "delivery.yaml", ROOT / "examples", environ)
+    assert config.node() == Cluster(node_id="delivery-1", lease_ttl=15)
+    assert config.node() == Cluster(node_id="delivery-1")  # the example's ttl is the default

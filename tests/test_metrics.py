@@ -196,3 +196,63 @@ async def test_housekeeping_metrics(db_url: str, reactor: Any) -> None:
     assert value(samples, deleted, table="seen_events") == 2
     assert value(samples, "delivery_database_size_bytes") > 0
     assert ("delivery_database_rows", (("table", "events"),)) in samples
+
+
+def test_lease_changes_and_refused_writes_are_counted() -> None:
+    metrics = Metrics(Clock())
+    metrics.lease_changed("router", "acquired")
+    metrics.lease_changed("service:a", "acquired")
+    metrics.lease_changed("service:a", "lost")
+    metrics.lease_changed("service:a", "acquired")
+    metrics.write_refused("service:a")
+    metrics.write_refused("service:a")
+    sample = metrics.registry.get_sample_value
+    changes = "delivery_lease_changes_total"
+    assert sample(changes, {"lease": "router", "change": "acquired"}) == 1
+    assert sample(changes, {"lease": "service:a", "change": "acquired"}) == 2
+    assert sample(changes, {"lease": "service:a", "change": "lost"}) == 1
+    assert sample("delivery_writes_refused_total", {"lease": "service:a"}) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_lease_gauges_are_read_at_scrape_on_postgres_only(
+    db_url: str, reactor: Any
+) -> None:
+    from delivery.cluster import Cluster
+    from delivery.testing import ScriptedSender
+
+    clock = Clock()
+    clock.advance(1000)
+    service, _, _ = make_service(
+        open_store(db_url, reactor),
+        [registration("a", "http://127.0.0.1:1", users="@alice.*")],
+        reactor,
+        clock=clock,
+        senders={"a": ScriptedSender()},
+        cluster=None if db_url.startswith("sqlite") else Cluster(node_id="m", lease_ttl=3),
+    )
+    metrics = Metrics(clock)
+    service.observe(metrics)
+    service.startService()
+    try:
+        await service.started()
+        text = (await metrics.render(service)).decode()
+        held = service.leases_held
+        view = await service.cluster()
+    finally:
+        await service.stopService()
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    if db_url.startswith("sqlite"):
+        assert held == frozenset()
+        assert not [name for name, _ in samples if name == "delivery_leases_held"]
+        assert value(samples, "delivery_cluster_nodes") == 0
+    else:
+        expected_router = 1 if "router" in held else 0
+        assert value(samples, "delivery_leases_held", kind="router") == expected_router
+        assert value(samples, "delivery_leases_held", kind="service") == len(held - {"router"})
+        assert view is not None
+        alive = sum(1 for node in view.nodes if node.alive)
+        assert value(samples, "delivery_cluster_nodes") == alive

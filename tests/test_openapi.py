@@ -369,9 +369,14 @@ async def test_every_answer_is_documented_and_every_documented_answer_happens(
         await running.daemon.stopService()
         await stop_receiver(failing)
     assert not check.problems, "\n".join(check.problems)
-    missing = check.documented() - check.seen
+    missing = check.documented() - check.seen - ON_POSTGRES
     assert not missing, f"documented answers never seen: {sorted(missing)}"
     assert check.count > 150
+
+
+#: the answers only a daemon on PostgreSQL gives (the sweep runs on SQLite): seen by
+#: test_the_cluster_answers_on_postgres_are_documented
+ON_POSTGRES = {("get", "/v1/cluster", "200")}
 
 
 async def sweep(
@@ -636,6 +641,11 @@ async def sweep(
         path = template.replace("{service_id}", "gone")
         await check.call(method, template, path=path, token=ADMIN, expect=expect)
 
+    # GET /v1/cluster: SQLite is no cluster (the 200 is on PostgreSQL: ON_POSTGRES).
+    answer = await check.call("GET", "/v1/cluster", token=ADMIN, expect=404)
+    if "SQLite" not in answer.body.decode():
+        check.problems.append(f"GET /v1/cluster on SQLite does not say why: {answer.body!r}")
+
     # GET /health and GET /metrics.
     await check.call("GET", "/health", expect=200)
     await check.call("HEAD", "/health", expect=200)
@@ -700,3 +710,44 @@ async def test_a_form_content_type_is_refused_in_json(tmp_path, reactor, receive
         assert (answer.status, answer.json()["errcode"]) == (415, "M_UNRECOGNIZED")
     finally:
         await running.daemon.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_cluster_answers_on_postgres_are_documented(
+    tmp_path, reactor, receiver, postgres_url
+):
+    config = write_config(
+        tmp_path,
+        [
+            write_registration(tmp_path, "a", receiver.url, users="@a:.*"),
+            write_registration(tmp_path, "b", receiver.url, users="@b:.*"),
+        ],
+        database=postgres_url,
+        cluster={"node_id": "node-one", "lease_ttl": 3},
+    )
+    running = await start_daemon(config, reactor)
+    check = Checker(running.url)
+
+    async def leases_taken() -> bool:
+        status, body = await running.request("GET", "/v1/cluster")
+        assert status == 200, body
+        return body["router"] == "node-one" and all(s["owner"] for s in body["services"])
+
+    try:
+        await until(leases_taken, "the one node to take every lease", timeout=20)
+        answer = await check.call("GET", "/v1/cluster", token=ADMIN, expect=200)
+        await check.call("GET", "/v1/services", token=ADMIN, expect=200)
+        await check.call(
+            "GET", "/v1/services/{service_id}", path="/v1/services/a", token=ADMIN, expect=200
+        )
+    finally:
+        await running.daemon.stopService()
+    assert not check.problems, "\n".join(check.problems)
+    assert check.seen >= ON_POSTGRES
+    body = answer.json()
+    assert (body["node_id"], body["lease_ttl"], body["router"]) == ("node-one", 3, "node-one")
+    (node,) = body["nodes"]
+    assert (node["node_id"], node["alive"], node["router"]) == ("node-one", True, True)
+    assert sorted(node["leases"]) == ["a", "b"]
+    assert [s["service_id"] for s in body["services"]] == ["a", "b"]
+    assert all(s["owner"] == "node-one" for s in body["services"])

@@ -498,8 +498,8 @@ class HeldDeletions:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
 
-    def store_transaction(self, *args: Any) -> Any:
-        return self._store.store_transaction(*args).addCallback(self._stored)
+    def store_transaction(self, *args: Any, **kwargs: Any) -> Any:
+        return self._store.store_transaction(*args, **kwargs).addCallback(self._stored)
 
     def _stored(self, txn_id: int) -> int:
         self.stored.append(txn_id)
@@ -507,13 +507,15 @@ class HeldDeletions:
         return txn_id
 
     def complete_transaction(
-        self, service_id: str, txn_id: int, now: float, attempt: Any = None
+        self, service_id: str, txn_id: int, now: float, attempt: Any = None, fence: Any = None
     ) -> Any:
         gate: Deferred[None] = Deferred()
         self.held.append(gate)
         self.changes.check()
         gate.addCallback(
-            lambda _: self._store.complete_transaction(service_id, txn_id, now, attempt=attempt)
+            lambda _: self._store.complete_transaction(
+                service_id, txn_id, now, attempt=attempt, fence=fence
+            )
         )
         gate.addCallback(lambda _: self.forgotten.append(txn_id))
         return gate

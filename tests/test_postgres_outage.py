@@ -308,7 +308,7 @@ async def test_reconnects_wait_as_the_backoff_policy_says(postgres_url: str, rea
         on_lost=lost.append,
         on_retry_failed=failed.append,
         on_back=lambda: None,
-        on_notify=lambda channel: None,
+        on_notify=lambda channel, payload: None,
         clock=clock,
         rng=random.Random(7),
     )

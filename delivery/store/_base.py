@@ -18,13 +18,16 @@ from ..events import Event, StoredEvent
 from ..records import (
     Attempt,
     DeadLetter,
+    Fence,
     Ingested,
+    LeaseInfo,
+    NodeInfo,
     QueuedEvent,
     ServiceRecord,
     ServiceSummary,
     StoredTransaction,
 )
-from . import _retention, _sql
+from . import _leases, _retention, _sql
 from ._schema import Dialect
 
 T = TypeVar("T")
@@ -76,6 +79,9 @@ class GeneratorStore:
     def on_new_events(self, callback: Callable[[], None]) -> None:
         """Only PostgreSQL can tell of other processes' events; elsewhere nothing to do."""
 
+    def on_queued(self, callback: Callable[[list[str] | None], None]) -> None:
+        """Only PostgreSQL can tell of other processes' routing; elsewhere nothing to do."""
+
     def insert_events(self, events: Sequence[Event], now: float) -> Deferred[Ingested]:
         return self._run(_sql.insert_events, events, now)
 
@@ -92,8 +98,9 @@ class GeneratorStore:
         queue: Sequence[tuple[str, int]],
         new_events: Sequence[StoredEvent] = (),
         unwanted: Sequence[int] = (),
+        fence: Fence | None = None,
     ) -> Deferred[None]:
-        return self._run(_sql.commit_sorted, position, queue, new_events, unwanted)
+        return self._run(_sql.commit_sorted, position, queue, new_events, unwanted, fence)
 
     def delete_events(
         self, after: int, limit: int, cutoff_ts: float, dedupe_cutoff_ts: float
@@ -102,6 +109,38 @@ class GeneratorStore:
 
     def prune_seen(self, cutoff_ts: float, limit: int) -> Deferred[int]:
         return self._run(_retention.prune_seen, cutoff_ts, limit)
+
+    # -- several daemons: heartbeats and leases --
+
+    def ensure_leases(self, names: Sequence[str]) -> Deferred[None]:
+        return self._run(_leases.ensure_leases, names)
+
+    def read_cluster(
+        self, ttl: float, now: float
+    ) -> Deferred[tuple[list[NodeInfo], list[LeaseInfo]]]:
+        return self._run(_leases.read_cluster, ttl, now)
+
+    def heartbeat(
+        self, node: NodeInfo, incarnation: str, held: Sequence[str], now: float, ttl: float
+    ) -> Deferred[tuple[dict[str, int], list[NodeInfo], list[LeaseInfo]]]:
+        return self._run(_leases.heartbeat, node, incarnation, held, now, ttl)
+
+    def acquire_leases(
+        self,
+        owner: str,
+        incarnation: str,
+        names: Sequence[str],
+        now: float,
+        ttl: float,
+        dead: Sequence[str] = (),
+    ) -> Deferred[dict[str, int]]:
+        return self._run(_leases.acquire_leases, owner, incarnation, names, now, ttl, dead)
+
+    def release_leases(self, incarnation: str, names: Sequence[str]) -> Deferred[None]:
+        return self._run(_leases.release_leases, incarnation, names)
+
+    def leave(self, node_id: str, incarnation: str) -> Deferred[None]:
+        return self._run(_leases.leave, node_id, incarnation)
 
     def free_pages(self) -> Deferred[int]:
         return self._run(_retention.free_pages, self.dialect)
@@ -121,8 +160,8 @@ class GeneratorStore:
     def services(self, only: str | None = None) -> Deferred[dict[str, ServiceRecord]]:
         return self._run(_sql.services, only)
 
-    def set_state(self, service_id: str, state: str) -> Deferred[None]:
-        return self._run(_sql.set_state, service_id, state)
+    def set_state(self, service_id: str, state: str, fence: Fence | None = None) -> Deferred[None]:
+        return self._run(_sql.set_state, service_id, state, fence)
 
     def summary(self, service_id: str) -> Deferred[ServiceSummary]:
         return self._run(_sql.summary, service_id)
@@ -149,6 +188,7 @@ class GeneratorStore:
         now: float,
         received_ts: Sequence[float],
         stream_ids: Sequence[int] = (),
+        fence: Fence | None = None,
     ) -> Deferred[int]:
         return self._run(
             _sql.store_transaction,
@@ -160,6 +200,7 @@ class GeneratorStore:
             now,
             received_ts,
             stream_ids,
+            fence,
         )
 
     def oldest_transaction(self, service_id: str) -> Deferred[StoredTransaction | None]:
@@ -171,9 +212,14 @@ class GeneratorStore:
         return self._run(_sql.transactions, service_id, after, limit)
 
     def complete_transaction(
-        self, service_id: str, txn_id: int, now: float, attempt: Attempt | None = None
+        self,
+        service_id: str,
+        txn_id: int,
+        now: float,
+        attempt: Attempt | None = None,
+        fence: Fence | None = None,
     ) -> Deferred[None]:
-        return self._run(_sql.complete_transaction, service_id, txn_id, now, attempt)
+        return self._run(_sql.complete_transaction, service_id, txn_id, now, attempt, fence)
 
     def record_failure(
         self,
@@ -184,6 +230,7 @@ class GeneratorStore:
         failure_count: int,
         next_retry_ts: float | None,
         attempt: Attempt | None = None,
+        fence: Fence | None = None,
     ) -> Deferred[None]:
         return self._run(
             _sql.record_failure,
@@ -194,6 +241,7 @@ class GeneratorStore:
             failure_count,
             next_retry_ts,
             attempt,
+            fence,
         )
 
     def split_transaction(
@@ -203,8 +251,9 @@ class GeneratorStore:
         parts: Sequence[Sequence[tuple[str, bytes]]],
         now: float,
         attempt: Attempt | None = None,
+        fence: Fence | None = None,
     ) -> Deferred[list[StoredTransaction]]:
-        return self._run(_sql.split_transaction, service_id, txn_id, parts, now, attempt)
+        return self._run(_sql.split_transaction, service_id, txn_id, parts, now, attempt, fence)
 
     def dead_letter(
         self,
@@ -215,8 +264,11 @@ class GeneratorStore:
         answer: str | None,
         now: float,
         attempt: Attempt | None = None,
+        fence: Fence | None = None,
     ) -> Deferred[None]:
-        return self._run(_sql.dead_letter, service_id, txn_id, events, status, answer, now, attempt)
+        return self._run(
+            _sql.dead_letter, service_id, txn_id, events, status, answer, now, attempt, fence
+        )
 
     def dead_letters(self, service_id: str, after: int, limit: int) -> Deferred[list[DeadLetter]]:
         return self._run(_sql.dead_letters, service_id, after, limit)

@@ -196,9 +196,9 @@ class Pool:
     :param on_lost: called with why, each time a connection is lost (it reconnects).
     :param on_retry_failed: called with why, each time an attempt to reconnect fails.
     :param on_back: called when every connection is up again after one was lost.
-    :param on_notify: called with the channel, for a notification from a session other
-        than the pool's, and when the listening link is back (notifications sent while it
-        was away are lost).
+    :param on_notify: called with the channel and the payload, for a notification from a
+        session other than the pool's; and with each channel and None when the listening
+        link is back (notifications sent while it was away are lost).
     """
 
     def __init__(
@@ -210,7 +210,7 @@ class Pool:
         on_lost: Callable[[object], None],
         on_retry_failed: Callable[[object], None],
         on_back: Callable[[], None],
-        on_notify: Callable[[str], None],
+        on_notify: Callable[[str, str | None], None],
         prepare: Callable[[Connection], Awaitable[None]] | None = None,
         clock: IReactorTime | None = None,
         rng: random.Random | None = None,
@@ -225,8 +225,8 @@ class Pool:
         self._on_notify = on_notify
         self.links = [self._link(prepare) for _ in range(size)]
         self._listener: Link | None = None
-        #: the channel the listener listens on
-        self._channel = ""
+        #: the channels the listener listens on
+        self._channels: tuple[str, ...] = ()
         #: the links that are down
         self._down: set[Link] = set()
         self._idle = list(self.links)
@@ -255,11 +255,11 @@ class Pool:
             self.close()
             raise
 
-    async def listen(self, channel: str) -> None:
-        """Listen for notifications on ``channel`` (unless listening already); raise why not."""
+    async def listen(self, *channels: str) -> None:
+        """Listen for notifications on ``channels`` (unless listening already); raise why not."""
         if self._listener is not None:
             return
-        self._channel = channel
+        self._channels = channels
         listener = self._link(self._start_listening)
         try:
             await listener.connect()
@@ -270,11 +270,11 @@ class Pool:
 
     async def _start_listening(self, connection: Connection) -> None:
         connection.addNotifyObserver(self._notified)
-        await connection.cursor().execute(f"LISTEN {self._channel}")
+        await connection.cursor().execute("".join(f"LISTEN {c};" for c in self._channels))
 
     def _notified(self, notify: Any) -> None:
         if notify.pid not in self._backend_pids():
-            self._on_notify(notify.channel)
+            self._on_notify(notify.channel, notify.payload)
 
     def _backend_pids(self) -> set[int]:
         return {link.backend_pid for link in self.links if link.connection is not None}
@@ -299,7 +299,8 @@ class Pool:
             self._on_back()
         self._changed()
         if link is self._listener:
-            self._on_notify(self._channel)
+            for channel in self._channels:
+                self._on_notify(channel, None)
 
     # -- handing out links --
 

@@ -37,6 +37,8 @@ class Dialect:
     real: str
     #: what ends a CREATE TABLE whose primary key is the table (SQLite: no rowid)
     keyed: str
+    #: statements of a migration only this database runs ("" elsewhere: skipped)
+    fence_function: str = ""
 
 
 SQLITE = Dialect(
@@ -55,6 +57,20 @@ POSTGRES = Dialect(
     bigint="BIGINT",
     real="DOUBLE PRECISION",
     keyed="",
+    # The fence of a write under a lease: takes a share lock on the lease's row (a
+    # takeover, which updates it, waits for the write to commit, and a write waits for a
+    # takeover and then finds the new epoch), and refuses the write if the epoch is stale.
+    fence_function="""
+        CREATE FUNCTION delivery_fence(lease TEXT, held BIGINT) RETURNS void AS $$
+        BEGIN
+            PERFORM 1 FROM leases WHERE name = lease AND epoch = held FOR SHARE;
+            IF NOT FOUND THEN
+                RAISE EXCEPTION USING ERRCODE = 'DL001',
+                    MESSAGE = 'the lease ' || lease || ' is no longer held at epoch ' || held;
+            END IF;
+        END
+        $$ LANGUAGE plpgsql
+        """,
 )
 
 
@@ -214,6 +230,33 @@ _MIGRATIONS: list[list[str]] = [
         """,
         "INSERT INTO housekeeping (lock) VALUES (0)",
     ],
+    # 6: several daemons on one database
+    # - nodes: each daemon's heartbeat
+    # - leases: ``router`` and ``service:ID``, each with its holder (a node, and the
+    #   incarnation: the process that holds it), an epoch and an expiry
+    [
+        """
+        CREATE TABLE nodes (
+            node_id TEXT PRIMARY KEY,
+            incarnation TEXT NOT NULL,
+            host TEXT NOT NULL,
+            pid INTEGER NOT NULL,
+            started_ts {real} NOT NULL,
+            heartbeat_ts {real} NOT NULL
+        ){keyed}
+        """,
+        """
+        CREATE TABLE leases (
+            name TEXT PRIMARY KEY,
+            owner TEXT,
+            incarnation TEXT,
+            epoch {bigint} NOT NULL DEFAULT 0,
+            expires_ts {real}
+        ){keyed}
+        """,
+        "INSERT INTO leases (name) VALUES ('router')",
+        "{fence_function}",
+    ],
 ]
 
 #: the version a fully migrated database has
@@ -227,6 +270,13 @@ def migrations(dialect: Dialect, current: int, instance: int) -> list[tuple[int,
     """
     fields = {**attrs.asdict(dialect), "instance": instance, "txn_id_base": txn_id_base(instance)}
     return [
-        (version, [statement.format(**fields) for statement in _MIGRATIONS[version - 1]])
+        (
+            version,
+            [
+                text
+                for statement in _MIGRATIONS[version - 1]
+                if (text := statement.format(**fields)).strip()
+            ],
+        )
         for version in range(current + 1, SCHEMA_VERSION + 1)
     ]

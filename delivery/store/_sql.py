@@ -9,6 +9,7 @@ asynchronous connection for PostgreSQL). Statements use ``?`` placeholders.
 
 from __future__ import annotations
 
+import json
 import struct
 from collections.abc import Generator, Sequence
 from typing import Any, Literal, TypeVar
@@ -21,6 +22,7 @@ from ..interest import RoutingFields
 from ..records import (
     Attempt,
     DeadLetter,
+    Fence,
     Ingested,
     QueuedEvent,
     ServiceRecord,
@@ -67,9 +69,21 @@ class Notify:
     """Tell listeners, when the transaction commits (PostgreSQL's NOTIFY)."""
 
     channel: str
+    payload: str = ""
 
 
-Op = Query | Insert | Lock | Notify
+@attrs.frozen
+class Fenced:
+    """
+    The rest of the operation is a write under a lease: the database refuses it (the whole
+    operation fails with :class:`~delivery.errors.FencedError`) unless the lease's epoch
+    is still ``fence.epoch``, and a takeover of the lease waits until it has committed.
+    """
+
+    fence: Fence
+
+
+Op = Query | Insert | Lock | Notify | Fenced
 Steps = Generator[Op, Any, T]
 
 #: lock keys (PostgreSQL advisory locks): ingest, so that stream ids commit in order; and
@@ -78,6 +92,8 @@ INGEST_LOCK = 0x64656C69  # "deli"
 MIGRATE_LOCK = 0x64656C6D  # "delm"
 #: the channel that wakes sorters when events are ingested
 EVENTS_CHANNEL = "delivery_events"
+#: what the router says once it queued events for services (their ids, in JSON)
+QUEUED_CHANNEL = "delivery_queued"
 
 _TXN_COLUMNS = (
     "service_id, txn_id, body, event_count, first_stream_id, last_stream_id, created_ts,"
@@ -201,7 +217,9 @@ def commit_sorted(
     queue: Sequence[tuple[str, int]],
     new_events: Sequence[StoredEvent],
     unwanted: Sequence[int] = (),
+    fence: Fence | None = None,
 ) -> Steps[None]:
+    yield from _fenced(fence)
     if unwanted:
         # Events no service wanted go at once, their ids kept for the dedupe window; under
         # the ingest lock, so that ingest never finds an id in neither table.
@@ -242,7 +260,19 @@ def commit_sorted(
         )
     if queue:
         yield Insert("service_queue", ("service_id", "stream_id"), ("text", "bigint"), queue)
+        # the services' senders may be other processes (several daemons)
+        yield Notify(QUEUED_CHANNEL, queued_payload({service_id for service_id, _ in queue}))
     yield Query("UPDATE sorter_position SET stream_id = ?", (position,), fetch="none")
+
+
+#: the longest payload a NOTIFY carries (PostgreSQL's limit is 8000 bytes)
+_MAX_PAYLOAD = 7000
+
+
+def queued_payload(service_ids: set[str]) -> str:
+    """The services that were queued events, for :data:`QUEUED_CHANNEL` ("": maybe any)."""
+    payload = json.dumps(sorted(service_ids), separators=(",", ":"))
+    return payload if len(payload.encode()) <= _MAX_PAYLOAD else ""
 
 
 def sorter_lag() -> Steps[tuple[int, float | None]]:
@@ -281,7 +311,14 @@ def services(only: str | None = None) -> Steps[dict[str, ServiceRecord]]:
     return {row[0]: ServiceRecord(*row) for row in rows}
 
 
-def set_state(service_id: str, state: str) -> Steps[None]:
+def _fenced(fence: Fence | None) -> Steps[None]:
+    """What follows is written under ``fence`` (nothing to check without one)."""
+    if fence is not None:
+        yield Fenced(fence)
+
+
+def set_state(service_id: str, state: str, fence: Fence | None = None) -> Steps[None]:
+    yield from _fenced(fence)
     yield Query(
         "UPDATE services SET state = ? WHERE service_id = ?", (state, service_id), fetch="none"
     )
@@ -401,7 +438,9 @@ def store_transaction(
     now: float,
     received_ts: Sequence[float],
     stream_ids: Sequence[int] = (),
+    fence: Fence | None = None,
 ) -> Steps[int]:
+    yield from _fenced(fence)
     row = yield Query(
         "UPDATE services SET last_txn_id = last_txn_id + 1 WHERE service_id = ?"
         " RETURNING last_txn_id",
@@ -487,8 +526,13 @@ def oldest_transaction(service_id: str) -> Steps[StoredTransaction | None]:
 
 
 def complete_transaction(
-    service_id: str, txn_id: int, now: float, attempt: Attempt | None = None
+    service_id: str,
+    txn_id: int,
+    now: float,
+    attempt: Attempt | None = None,
+    fence: Fence | None = None,
 ) -> Steps[None]:
+    yield from _fenced(fence)
     yield Query(
         "DELETE FROM transactions WHERE service_id = ? AND txn_id = ?",
         (service_id, txn_id),
@@ -511,7 +555,9 @@ def record_failure(
     failure_count: int,
     next_retry_ts: float | None,
     attempt: Attempt | None = None,
+    fence: Fence | None = None,
 ) -> Steps[None]:
+    yield from _fenced(fence)
     yield Query(
         "UPDATE transactions SET attempts = attempts + 1,"
         " first_attempt_ts = COALESCE(first_attempt_ts, ?), last_attempt_ts = ?,"
@@ -565,12 +611,14 @@ def split_transaction(
     parts: Sequence[Sequence[tuple[str, bytes]]],
     now: float,
     attempt: Attempt | None = None,
+    fence: Fence | None = None,
 ) -> Steps[list[StoredTransaction]]:
     """
     Replace a stored transaction by several, in order, with new ids: each part is a list
     of ``(event_id, json)``, and the parts are its events, in order (each part keeps their
     ingest times). ``attempt``: the refused attempt that called for it, for the log.
     """
+    yield from _fenced(fence)
     yield from _log_attempt(attempt)
     event_ids = [e for part in parts for e, _ in part]
     deleted = yield Query(
@@ -630,11 +678,13 @@ def dead_letter(
     answer: str | None,
     now: float,
     attempt: Attempt | None = None,
+    fence: Fence | None = None,
 ) -> Steps[None]:
     """
     Set a rejected transaction's events aside as dead letters, and forget it.
     ``attempt``: the refused attempt, for the log.
     """
+    yield from _fenced(fence)
     yield from _log_attempt(attempt)
     row = yield Query(
         "SELECT stream_ids FROM transactions WHERE service_id = ? AND txn_id = ?",

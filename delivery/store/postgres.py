@@ -30,6 +30,7 @@ asynchronous connections, plus what several processes sharing one database need.
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -43,7 +44,8 @@ from zope.interface import implementer
 
 from .._interfaces import IStore
 from .._log import Logger
-from ..errors import StoreConfigurationError, StoreUnavailableError
+from ..errors import FencedError, StoreConfigurationError, StoreUnavailableError
+from ..records import Fence
 from . import _sql
 from ._base import GeneratorStore
 from ._connections import Connection, Deadline, Link, Pool
@@ -94,6 +96,8 @@ FIXES = (
 )
 #: SQLSTATEs of a write the database cannot take for now, in plain words
 UNWRITABLE = {"53100": "disk full", "25006": "read-only"}
+#: the error the database raises for a write under a stale lease (``delivery_fence``)
+FENCED = "DL001"
 
 
 async def _execute(cursor: Any, op: _sql.Query | _sql.Insert, before: list[str]) -> Any:
@@ -152,27 +156,58 @@ async def drive(cursor: Any, steps: _sql.Steps[T]) -> tuple[T, bool]:
     """
     before = ["BEGIN"]
     wrote = False
+    fence: Fence | None = None
     try:
-        op = next(steps)
-        while True:
-            wrote = wrote or _writes(op)
-            if isinstance(op, _sql.Query) and op.fetch == "none":
-                # (interpolated here, as psycopg2 does for every statement it sends)
-                sql = cursor.mogrify(op.sql.replace("?", "%s"), tuple(op.params))
-                before.append(sql.decode())
-                result = None
-            elif isinstance(op, _sql.Lock):
-                before.append(f"SELECT pg_advisory_xact_lock({int(op.key)})")
-                result = None
-            elif isinstance(op, _sql.Notify):
-                before.append(f"NOTIFY {op.channel}")
-                result = None
-            else:
-                result = await _execute(cursor, op, before)
-            op = steps.send(result)
-    except StopIteration as done:
+        try:
+            op = next(steps)
+            while True:
+                wrote = wrote or _writes(op)
+                if isinstance(op, _sql.Query) and op.fetch == "none":
+                    # (interpolated here, as psycopg2 does for every statement it sends)
+                    sql = cursor.mogrify(op.sql.replace("?", "%s"), tuple(op.params))
+                    before.append(sql.decode())
+                    result = None
+                elif isinstance(op, _sql.Lock):
+                    before.append(f"SELECT pg_advisory_xact_lock({int(op.key)})")
+                    result = None
+                elif isinstance(op, _sql.Notify):
+                    if op.payload:
+                        notify = cursor.mogrify(
+                            "SELECT pg_notify(%s, %s)", (op.channel, op.payload)
+                        )
+                        before.append(notify.decode())
+                    else:
+                        before.append(f"NOTIFY {op.channel}")
+                    result = None
+                elif isinstance(op, _sql.Fenced):
+                    fence = op.fence
+                    check = cursor.mogrify(
+                        "SELECT delivery_fence(%s, %s)", (fence.lease, fence.epoch)
+                    )
+                    before.append(check.decode())
+                    result = None
+                else:
+                    result = await _execute(cursor, op, before)
+                op = steps.send(result)
+        except StopIteration as done:
+            value = done.value
         await cursor.execute(_take(before) + "COMMIT")
-        return done.value, wrote
+        return value, wrote
+    except Exception as e:
+        if fence is not None and getattr(e, "pgcode", None) == FENCED:
+            raise FencedError(
+                f"the lease {fence.lease} is no longer held at epoch {fence.epoch}", fence.lease
+            ) from None
+        raise
+
+
+def _queued(payload: str | None) -> list[str] | None:
+    """The services a router says it queued events for (None: maybe any)."""
+    try:
+        ids = json.loads(payload) if payload else None
+    except ValueError:
+        return None
+    return [i for i in ids if isinstance(i, str)] if isinstance(ids, list) else None
 
 
 def _writes(op: _sql.Op) -> bool:
@@ -224,6 +259,7 @@ class PostgresStore(GeneratorStore):
         self._size = connections
         self._pool: Pool | None = None
         self._observers: list[Callable[[], None]] = []
+        self._queued_observers: list[Callable[[list[str] | None], None]] = []
         #: since when and why connections are down
         self._outage: _Outage | None = None
 
@@ -255,7 +291,7 @@ class PostgresStore(GeneratorStore):
             self._pool = pool
         # A migration may take long on a big database: it is not bounded.
         self._migrated(await self._operation(_sql.migrate(self.dialect), None))
-        await self._connect(pool.listen(_sql.EVENTS_CHANNEL))
+        await self._connect(pool.listen(_sql.EVENTS_CHANNEL, _sql.QUEUED_CHANNEL))
 
     async def _connect(self, connecting: Awaitable[None]) -> None:
         """Wait for ``connecting``; a failure as what to fix, or as unavailable."""
@@ -284,12 +320,16 @@ class PostgresStore(GeneratorStore):
 
     # -- NOTIFY --
 
-    def _notified(self, channel: str) -> None:
+    def _notified(self, channel: str, payload: str | None) -> None:
         # Events this store inserted itself are its service's to route (submit() hands
         # them to the sorter), and the pool does not report its own notifications; other
         # processes' wake it, and so does the listener coming back (it may have missed some).
         if channel == _sql.EVENTS_CHANNEL:
             self._wake()
+        elif channel == _sql.QUEUED_CHANNEL:
+            service_ids = _queued(payload)
+            for callback in list(self._queued_observers):
+                callback(service_ids)
 
     def _wake(self) -> None:
         for observer in list(self._observers):
@@ -297,6 +337,9 @@ class PostgresStore(GeneratorStore):
 
     def on_new_events(self, callback: Callable[[], None]) -> None:
         self._observers.append(callback)
+
+    def on_queued(self, callback: Callable[[list[str] | None], None]) -> None:
+        self._queued_observers.append(callback)
 
     # -- running operations --
 

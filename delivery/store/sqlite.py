@@ -42,7 +42,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .._interfaces import IStore
-from ..errors import StoreConfigurationError, StoreLockedError, StoreUnavailableError
+from ..errors import (
+    FencedError,
+    StoreConfigurationError,
+    StoreLockedError,
+    StoreUnavailableError,
+)
 from . import _sql
 from ._base import GeneratorStore
 from ._schema import SQLITE
@@ -90,6 +95,17 @@ def _execute(cursor: Any, op: _sql.Op) -> Any:
             cursor.executemany(
                 f"INSERT INTO {op.table} ({', '.join(op.columns)}) VALUES ({marks}) {op.conflict}",
                 op.rows,
+            )
+        return None
+    if isinstance(op, _sql.Fenced):
+        # (one connection writes: nothing can take the lease while this runs)
+        cursor.execute(
+            "SELECT 1 FROM leases WHERE name = ? AND epoch = ?", (op.fence.lease, op.fence.epoch)
+        )
+        if cursor.fetchone() is None:
+            raise FencedError(
+                f"the lease {op.fence.lease} is no longer held at epoch {op.fence.epoch}",
+                op.fence.lease,
             )
         return None
     return None  # Lock, Notify: one connection writes, and the service wakes its sorter
