@@ -264,7 +264,10 @@ class ClusterMember:
         if self.held:
             self._extend(sent + ttl - self.options.margin)
         now = self._clock.seconds()
-        live = sorted({n.node_id for n in nodes if n.alive} | {self.options.node_id})
+        live = sorted(
+            {n.node_id for n in nodes if n.alive and not self._gone_here(n)}
+            | {self.options.node_id}
+        )
         wanted = [service_lease(s) for s in self._node.service_ids()]
         missing = [name for name in wanted if name not in self.leases]
         if missing:  # services new to the database: their leases, free
@@ -313,14 +316,18 @@ class ClusterMember:
         holder = next(
             (n for n in self.nodes if n.incarnation and n.incarnation == lease.incarnation), None
         )
-        if holder is None or holder.host != self._me.host or holder.pid == os.getpid():
+        return holder is not None and self._gone_here(holder)
+
+    def _gone_here(self, node: NodeInfo) -> bool:
+        """Whether ``node`` was a process of this host that no longer exists."""
+        if node.host != self._me.host or node.pid == os.getpid():
             return False
         try:
-            os.kill(holder.pid, 0)
+            os.kill(node.pid, 0)
         except ProcessLookupError:
             return True
         except OSError:
-            return False
+            return False  # (it exists, another user's)
         return False
 
     async def _take(self, names: list[str], sent: float) -> None:

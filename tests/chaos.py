@@ -195,8 +195,12 @@ def judge(
     kills: int,
     daemon_logs: Sequence[Path] = (),
     more: Sequence[str] = (),
+    txn_ids: Callable[[Sequence[Receipt]], list[str]] = check_txn_ids,
 ) -> Verdict:
-    """Everything the receiver logged, against what was acknowledged; ``more`` problems."""
+    """
+    Everything the receiver logged, against what was acknowledged; ``more`` problems.
+    ``txn_ids`` checks the order of transaction ids (a cluster allows late resends).
+    """
     index = {e["event_id"]: i for i, e in enumerate(events)}
     acked = {i for last, batch in acks for i in range(last - len(batch) + 1, last + 1)}
     expected = {s.id: {i for i in acked if wants(s, events[i])} for s in specs}
@@ -209,7 +213,7 @@ def judge(
         *check_complete(log.accepted, expected, index),
         *check_order(receipts, index),
         *check_resends(receipts),
-        *check_txn_ids(receipts),
+        *txn_ids(receipts),
         *check_content(receipts, events, index),
         *check_positions(acks),
         *check_child_logs(daemon_logs),
@@ -421,7 +425,13 @@ class Chaos:
             )
             for spec in self.specs
         ]
-        self.config = write_config(folder, registrations, database=options.database)
+        self.config = write_config(
+            folder, registrations, database=options.database, **self.config_extra()
+        )
+
+    def config_extra(self) -> dict[str, Any]:
+        """More keys of the daemon's configuration (here: none)."""
+        return {}
 
     def say(self, text: str) -> None:
         if self.options.verbose:
@@ -660,11 +670,36 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="mean seconds between two ingest requests (default: the ingest lasts about "
         "half a second a kill)",
     )
+    parser.add_argument(
+        "--daemons",
+        type=int,
+        default=1,
+        help="daemons sharing one PostgreSQL database (1); with more than one, a cluster: "
+        "events are ingested through all of them, and --kills disruptions (SIGKILL, "
+        "SIGSTOP then SIGCONT after longer than --lease-ttl, SIGTERM, each followed by a "
+        "restart) hit random daemons, at least one always running (tests/cluster_chaos.py); "
+        "without --database, a fresh database on DELIVERY_TEST_POSTGRES, dropped after",
+    )
+    parser.add_argument(
+        "--lease-ttl",
+        type=float,
+        default=3.0,
+        help="with --daemons: the daemons' cluster.lease_ttl, seconds, 3 or more (3)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     parser.add_argument("-v", "--verbose", action="store_true", help="say what happens")
     options = parser.parse_args(argv)
     if options.seed is None:
         options.seed = random.SystemRandom().randrange(2**32)
+    if options.daemons < 1:
+        parser.error("--daemons must be 1 or more")
+    if options.daemons > 1:
+        if options.database is not None and not options.database.startswith("postgresql://"):
+            parser.error("--daemons needs a postgresql:// --database (SQLite has one daemon)")
+        if options.restart_postgres:
+            parser.error("--restart-postgres runs with one daemon only")
+        if not options.lease_ttl >= 3:
+            parser.error("--lease-ttl must be 3 seconds or more")
     if options.restart_postgres and not (options.database or "").startswith("postgresql://"):
         parser.error("--restart-postgres needs --database postgresql://...")
     if options.kills < 0 or options.events < 1 or options.services < 1:
@@ -677,14 +712,27 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_args(sys.argv[1:] if argv is None else argv)
     folder = Path(tempfile.mkdtemp(prefix="delivery-chaos-"))
+    scratch: Callable[[bool], None] | None = None  # drops a database made for the run
+    if options.database is None and options.daemons > 1:
+        from .cluster_chaos import scratch_database
+
+        options.database, scratch = scratch_database()
     if options.database is None:
         options.database = f"sqlite:///{folder / 'delivery.db'}"
     print(f"chaos: seed {options.seed}; replay with --seed {options.seed}", file=sys.stderr)
-    chaos = Chaos(options, folder)
+    if options.daemons > 1:
+        from .cluster_chaos import ClusterChaos
+
+        chaos: Chaos = ClusterChaos(options, folder)
+    else:
+        chaos = Chaos(options, folder)
+    verdict: Verdict | None = None
     try:
         verdict = chaos.run()
     finally:
         chaos.close()
+        if scratch is not None:
+            scratch(verdict is not None and verdict.ok and not options.keep)
     print(verdict.summary, flush=True)
     for problem in verdict.problems[:50]:
         print(f"problem: {problem}", file=sys.stderr)

@@ -210,6 +210,41 @@ def check_txn_ids(receipts: Sequence[Receipt]) -> list[str]:
     return problems
 
 
+def check_new_txn_ids(receipts: Sequence[Receipt]) -> list[str]:
+    """
+    (4, for a cluster) Per service, transaction ids are strictly increasing in order of
+    first receipt: a *new* id never comes after a higher one. A resend of an id received
+    already may come late, after a newer transaction (a holder paused past its lease with
+    the request already on the wire, or its retry timer due as it wakes): allowed here,
+    the body being the same (:func:`check_resends`).
+    """
+    problems = []
+    highest: dict[str, int] = {}
+    seen: set[tuple[str, str]] = set()
+    for r in receipts:
+        if (r.service, r.txn) in seen:
+            continue
+        seen.add((r.service, r.txn))
+        txn, top = int(r.txn), highest.get(r.service, 0)
+        if txn < top:
+            problems.append(
+                f"{r.service}: new txn {txn} arrived (log line {r.seq}) after txn {top}"
+            )
+        highest[r.service] = max(txn, top)
+    return problems
+
+
+def late_resends(receipts: Sequence[Receipt]) -> int:
+    """How many requests resent a transaction id after a newer one of the same service."""
+    count = 0
+    highest: dict[str, int] = {}
+    for r in receipts:
+        txn, top = int(r.txn), highest.get(r.service, 0)
+        count += txn < top
+        highest[r.service] = max(txn, top)
+    return count
+
+
 def check_content(
     receipts: Sequence[Receipt], events: Sequence[Event], index: dict[str, int]
 ) -> list[str]:
