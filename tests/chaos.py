@@ -243,10 +243,16 @@ class Ingester(threading.Thread):
         #: (index of the last event, stream positions) for each acknowledged batch
         self.acks: list[tuple[int, list[int]]] = []
         self.acked = -1
+        #: the highest event index posted so far (acknowledged or not)
+        self.posted = -1
         #: batches that were not acknowledged (and sent again)
         self.failed = 0
         self.done = threading.Event()
         self.stopping = threading.Event()
+
+    def _wound_down(self, failing: bool) -> bool:
+        """Whether to stop before the next batch (a subclass may stop early)."""
+        return False
 
     def run(self) -> None:
         #: where the acknowledged batches began, and where the next one begins
@@ -254,9 +260,12 @@ class Ingester(threading.Thread):
         size = 0  # of the batch being sent: the same until it is acknowledged
         failing = False
         while starts[-1] < len(self.events) and not self.stopping.is_set():
+            if self._wound_down(failing):
+                break
             first = starts[-1]
             size = size or self.rng.randint(1, 2 * self.batch)
             batch = self.events[first : first + size]
+            self.posted = max(self.posted, first + len(batch) - 1)
             positions = self._post(batch)
             if positions is None:
                 self.failed += 1

@@ -44,7 +44,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import attrs
 
-from .chaos import BACK, STAGE, Chaos, Daemon, Event, GaveUp, Verdict, judge
+from .chaos import STAGE, Chaos, Daemon, Event, GaveUp, Ingester, Verdict, judge
 from .crashlog import check_new_txn_ids, late_resends, stop_process
 from .daemon_harness import ADMIN, INGEST
 
@@ -129,7 +129,7 @@ def api(url: str, path: str, timeout: float = 5.0) -> tuple[int, Any]:
 # -- the ingester --
 
 
-class ClusterIngester(threading.Thread):
+class ClusterIngester(Ingester):
     """
     Posts the events, batch after batch, round-robin to the running daemons (``urls()``),
     until every one is acknowledged; a batch not acknowledged goes to the next daemon.
@@ -144,62 +144,19 @@ class ClusterIngester(threading.Thread):
         urls: Callable[[], Sequence[str]],
         timeout: float = INGEST_TIMEOUT,
     ) -> None:
-        super().__init__(daemon=True)
-        self.events = events
-        self.rng = rng
-        self.batch = batch
-        self.pause = pause
+        super().__init__(events, rng, batch, pause)
         self.urls = urls
         self.timeout = timeout
-        #: (index of the last event, stream positions) for each acknowledged batch
-        self.acks: list[tuple[int, list[int]]] = []
-        self.acked = -1
-        #: the highest event index posted so far (acknowledged or not)
-        self.posted = -1
-        #: batches that were not acknowledged (and sent again)
-        self.failed = 0
         #: acknowledged batches by daemon
         self.by_url: Counter[str] = Counter()
-        self.done = threading.Event()
-        #: stop now
-        self.stopping = threading.Event()
         #: stop once everything posted so far is acknowledged
         self.winding_down = threading.Event()
         #: the daemon a request is in flight to, if any
         self.in_flight: str | None = None
         self._turn = 0
 
-    def run(self) -> None:
-        starts = [0]  # where the acknowledged batches began, and where the next one begins
-        size = 0  # of the batch being sent: the same until it is acknowledged
-        failing = False
-        while starts[-1] < len(self.events) and not self.stopping.is_set():
-            if self.winding_down.is_set() and not failing and self.acked >= self.posted:
-                break
-            first = starts[-1]
-            size = size or self.rng.randint(1, 2 * self.batch)
-            batch = self.events[first : first + size]
-            self.posted = max(self.posted, first + len(batch) - 1)
-            positions = self._post(batch)
-            if positions is None:
-                self.failed += 1
-                if not failing and self.rng.random() < 0.3:
-                    # Now and then, submit a few acknowledged batches again (elsewhere).
-                    del starts[-self.rng.randint(1, BACK) :]
-                    starts = starts or [0]
-                    size = 0
-                failing = True
-                time.sleep(0.01)
-                continue
-            failing = False
-            size = 0
-            last = first + len(batch) - 1
-            self.acks.append((last, positions))
-            self.acked = max(self.acked, last)
-            starts.append(last + 1)
-            if self.pause:
-                time.sleep(self.rng.uniform(0, 2 * self.pause))
-        self.done.set()
+    def _wound_down(self, failing: bool) -> bool:
+        return self.winding_down.is_set() and not failing and self.acked >= self.posted
 
     def _post(self, batch: Sequence[Event]) -> list[int] | None:
         """The stream positions, or None if the batch was not acknowledged."""
