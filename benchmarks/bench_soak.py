@@ -174,6 +174,12 @@ class Counts:
         if table == "events":
             self.deleted += count
 
+    def lease_changed(self, lease: str, change: str) -> None:
+        pass
+
+    def write_refused(self, lease: str) -> None:
+        pass
+
 
 def file_size(path: Path) -> int:
     try:

@@ -245,6 +245,10 @@ class Ingester(threading.Thread):
         self.acked = -1
         #: the highest event index posted so far (acknowledged or not)
         self.posted = -1
+        #: seconds a request may take
+        self.timeout = 10.0
+        #: the daemon a request is in flight to, if any
+        self.in_flight: str | None = None
         #: batches that were not acknowledged (and sent again)
         self.failed = 0
         self.done = threading.Event()
@@ -287,13 +291,21 @@ class Ingester(threading.Thread):
                 time.sleep(self.rng.uniform(0, 2 * self.pause))
         self.done.set()
 
+    def _destination(self) -> str | None:
+        """The daemon the next batch goes to (None: none is running)."""
+        return self.url
+
+    def _acknowledged(self, url: str) -> None:
+        """A batch posted to ``url`` was acknowledged."""
+
     def _post(self, batch: Sequence[Event]) -> list[int] | None:
         """The stream positions, or None if the batch was not acknowledged."""
-        url = self.url
+        url = self._destination()
         if url is None:
             return None
         host, port = url.rsplit(":", 1)
-        connection = http.client.HTTPConnection(host, int(port), timeout=10)
+        connection = http.client.HTTPConnection(host, int(port), timeout=self.timeout)
+        self.in_flight = url
         try:
             connection.request(
                 "POST",
@@ -306,9 +318,11 @@ class Ingester(threading.Thread):
         except (OSError, http.client.HTTPException):
             return None
         finally:
+            self.in_flight = None
             connection.close()
         if response.status != 200:
             return None
+        self._acknowledged(url)
         return list(json.loads(body)["stream_ids"])
 
 

@@ -46,7 +46,7 @@ import attrs
 
 from .chaos import STAGE, Chaos, Daemon, Event, GaveUp, Ingester, Verdict, judge
 from .crashlog import check_new_txn_ids, late_resends, stop_process
-from .daemon_harness import ADMIN, INGEST
+from .daemon_harness import ADMIN
 
 #: the default ``cluster.lease_ttl`` of the daemons, seconds (the smallest allowed)
 LEASE_TTL = 3.0
@@ -151,41 +151,20 @@ class ClusterIngester(Ingester):
         self.by_url: Counter[str] = Counter()
         #: stop once everything posted so far is acknowledged
         self.winding_down = threading.Event()
-        #: the daemon a request is in flight to, if any
-        self.in_flight: str | None = None
         self._turn = 0
 
     def _wound_down(self, failing: bool) -> bool:
         return self.winding_down.is_set() and not failing and self.acked >= self.posted
 
-    def _post(self, batch: Sequence[Event]) -> list[int] | None:
-        """The stream positions, or None if the batch was not acknowledged."""
+    def _destination(self) -> str | None:
         urls = list(self.urls())
         if not urls:
             return None
-        url = urls[self._turn % len(urls)]
         self._turn += 1
-        host, port = url.rsplit(":", 1)
-        connection = http.client.HTTPConnection(host, int(port), timeout=self.timeout)
-        self.in_flight = url
-        try:
-            connection.request(
-                "POST",
-                "/v1/events",
-                json.dumps({"events": list(batch)}),
-                {"Authorization": f"Bearer {INGEST}", "Content-Type": "application/json"},
-            )
-            response = connection.getresponse()
-            body = response.read()
-        except (OSError, http.client.HTTPException):
-            return None
-        finally:
-            self.in_flight = None
-            connection.close()
-        if response.status != 200:
-            return None
+        return urls[(self._turn - 1) % len(urls)]
+
+    def _acknowledged(self, url: str) -> None:
         self.by_url[url] += 1
-        return list(json.loads(body)["stream_ids"])
 
 
 # -- the daemons --
