@@ -221,7 +221,7 @@ class ClusterChaos(Chaos):
         self.lease_ttl = float(getattr(options, "lease_ttl", LEASE_TTL))
         super().__init__(options, folder)
         pause = options.pace if options.pace is not None else cluster_pace(options)
-        self.ingester: ClusterIngester = ClusterIngester(  # type: ignore[assignment]
+        self.ingester: ClusterIngester = ClusterIngester(
             self.events, random.Random(self.rng.random()), options.batch, pause, self.live_urls
         )
         self.members = [Member(i) for i in range(options.daemons)]
