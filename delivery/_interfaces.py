@@ -74,13 +74,15 @@ class IStore(IEventSource):
         new_events: Sequence[StoredEvent],
         unwanted: Sequence[int] = (),
         fence: Fence | None = None,
+        notify: bool = False,
     ) -> Deferred[None]:
         """
         Add ``(service_id, stream_id)`` rows to the service queues and move the sorter
         position to ``position``, atomically. ``new_events`` (from an outside event
         source) are stored at their own positions in the same transaction; the events at
         the positions ``unwanted`` (wanted by no service) are deleted, their ids kept for
-        the dedupe window.
+        the dedupe window. Under ``fence`` (the router's lease); with ``notify``, other
+        processes are told which services were queued events (see ``on_queued``).
         """
 
     def delete_events(

@@ -116,6 +116,9 @@ class Node(Protocol):
     async def stop_routing(self) -> None:
         """Stop the sorter here."""
 
+    def peers(self, live: list[str]) -> None:
+        """The nodes alive now, this one included (a heartbeat's reading)."""
+
 
 class ClusterError(DeliveryError):
     """This node cannot join its cluster (another running node has its id)."""
@@ -268,6 +271,7 @@ class ClusterMember:
             {n.node_id for n in nodes if n.alive and not self._gone_here(n)}
             | {self.options.node_id}
         )
+        self._node.peers(live)
         wanted = [service_lease(s) for s in self._node.service_ids()]
         missing = [name for name in wanted if name not in self.leases]
         if missing:  # services new to the database: their leases, free

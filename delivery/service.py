@@ -262,6 +262,14 @@ class DeliveryService(Service):
     async def stop_routing(self) -> None:
         await self._sorter.stop()
 
+    def peers(self, live: list[str]) -> None:
+        # Others may own services: the router tells them what it queued; and in case a
+        # notification was missed (or came before this node took a service), every service
+        # sending here reads its queue once a heartbeat.
+        self._sorter.tell_others = len(live) > 1
+        if len(live) > 1:
+            self._queued_elsewhere(None)
+
     def _on_refused(self, lease: str) -> None:
         if self._member is not None:
             self._member.refused(lease)

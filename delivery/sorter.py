@@ -80,6 +80,8 @@ class EventSorter:
         self.fence: Fence | None = None
         #: told when the database refused a commit under ``fence`` (another node routes)
         self.on_refused: Callable[[str], None] | None = None
+        #: other processes may send to services: tell them what was queued
+        self.tell_others = False
 
     def start(self, position: int, fence: Fence | None = None) -> None:
         """Route events from stream ``position`` on (the store's sorter position)."""
@@ -222,7 +224,12 @@ class EventSorter:
                 unwanted.append(stored.stream_id)
         position = events[-1].stream_id
         await self._store.commit_sorted(
-            position, queue, wanted if self._copy_events else (), unwanted, fence=self.fence
+            position,
+            queue,
+            wanted if self._copy_events else (),
+            unwanted,
+            fence=self.fence,
+            notify=self.tell_others,
         )
         self.position = position
         for service_id, queued_events in by_service.items():

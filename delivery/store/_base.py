@@ -99,8 +99,9 @@ class GeneratorStore:
         new_events: Sequence[StoredEvent] = (),
         unwanted: Sequence[int] = (),
         fence: Fence | None = None,
+        notify: bool = False,
     ) -> Deferred[None]:
-        return self._run(_sql.commit_sorted, position, queue, new_events, unwanted, fence)
+        return self._run(_sql.commit_sorted, position, queue, new_events, unwanted, fence, notify)
 
     def delete_events(
         self, after: int, limit: int, cutoff_ts: float, dedupe_cutoff_ts: float

@@ -218,7 +218,14 @@ def commit_sorted(
     new_events: Sequence[StoredEvent],
     unwanted: Sequence[int] = (),
     fence: Fence | None = None,
+    notify: bool = False,
 ) -> Steps[None]:
+    """
+    Store the sorter's progress: the queue rows of the events it routed, its position,
+    and the events no service wanted deleted; with ``notify``, tell the other processes
+    which services were queued events (their senders may be there). PostgreSQL serializes
+    the commits of transactions that notify, so only a router with peers does.
+    """
     yield from _fenced(fence)
     if unwanted:
         # Events no service wanted go at once, their ids kept for the dedupe window; under
@@ -260,8 +267,9 @@ def commit_sorted(
         )
     if queue:
         yield Insert("service_queue", ("service_id", "stream_id"), ("text", "bigint"), queue)
-        # the services' senders may be other processes (several daemons)
-        yield Notify(QUEUED_CHANNEL, queued_payload({service_id for service_id, _ in queue}))
+        if notify:
+            services = {service_id for service_id, _ in queue}
+            yield Notify(QUEUED_CHANNEL, queued_payload(services))
     yield Query("UPDATE sorter_position SET stream_id = ?", (position,), fetch="none")
 
 
