@@ -291,16 +291,12 @@ class DeliveryService(Service):
                 lambda: self.store.ensure_services([r.id for r in registrations])
             )
             await self._while_unavailable(self._member.start)
-            if not self._external_source:
-                self.store.on_new_events(self._sorter.wake)
-            self._age_check = self.clock.callLater(AGE_CHECK_INTERVAL, self._check_ages)
-            self._housekeeper.start()
-            return
-        starts = await self._while_unavailable(lambda: self._services.prepare(registrations))
-        position = await self._while_unavailable(self.store.sorter_position)
-        for registration in registrations:
-            self._services.start(registration, starts[registration.id])
-        self._sorter.start(position)
+        else:
+            starts = await self._while_unavailable(lambda: self._services.prepare(registrations))
+            position = await self._while_unavailable(self.store.sorter_position)
+            for registration in registrations:
+                self._services.start(registration, starts[registration.id])
+            self._sorter.start(position)
         if not self._external_source:
             self.store.on_new_events(self._sorter.wake)
         self._age_check = self.clock.callLater(AGE_CHECK_INTERVAL, self._check_ages)
