@@ -27,6 +27,13 @@ id, same body.
 
 Expiry is judged on the clocks of the nodes (each passes its own ``now``), so their clocks
 must agree to well within ``lease_ttl / 3`` (NTP does).
+
+A request must fit in a lease: every registration's ``request_timeout`` is at most
+``lease_ttl - margin`` (two thirds of ``lease_ttl``; :meth:`Cluster.check`, at start-up
+and on reload). A node whose renewals fail from some moment on stops ``lease_ttl - margin``
+after the last one that succeeded, so a request that started right after it is answered
+or timed out before then; the fence cuts short only requests started later, and the next
+holder resends them, same id, same body.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import math
 import os
 import secrets
 import socket
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 import attrs
@@ -48,6 +56,7 @@ from ._log import Logger
 from ._observers import Observers
 from .errors import DeliveryError, StoreUnavailableError
 from .records import Fence, LeaseInfo, NodeInfo
+from .registration import Registration
 
 log = Logger()
 
@@ -92,6 +101,28 @@ class Cluster:
     def margin(self) -> float:
         """How long before its expiry a lease not renewed stops being used."""
         return self.lease_ttl / 3
+
+    @property
+    def longest_request(self) -> float:
+        """The longest ``request_timeout`` a registration may have on this node, seconds."""
+        return self.lease_ttl - self.margin
+
+    def check(self, registrations: Iterable[Registration]) -> None:
+        """
+        Refuse a registration whose requests may outlast what a lease guarantees.
+
+        :raises ValueError: naming the first such registration.
+        """
+        for registration in registrations:
+            timeout = registration.options.request_timeout
+            if timeout > self.longest_request:
+                raise ValueError(
+                    f"the request_timeout of {registration.id!r} ({timeout:g} s) is longer"
+                    f" than a cluster node allows with lease_ttl {self.lease_ttl:g} s: at"
+                    f" most {self.longest_request:g} s (two thirds of lease_ttl), so that a"
+                    " request started under a lease ends before the node would have to stop"
+                    " using it; lower request_timeout or raise cluster.lease_ttl"
+                )
 
 
 def service_lease(service_id: str) -> str:

@@ -163,6 +163,12 @@ class Config:
                 )
             found[registration.id] = path
             result.append(registration)
+        node = self.node()
+        if node is not None:
+            try:
+                node.check(result)
+            except ValueError as e:
+                raise ConfigError(self.source, "cluster.lease_ttl", str(e)) from None
         return result
 
 

@@ -129,8 +129,9 @@ class DeliveryOptions:
     probe: bool = attrs.field(default=True, validator=_boolean)
     #: connect timeout of one request, seconds
     connect_timeout: float = attrs.field(default=10.0, validator=_seconds)
-    #: whole-request timeout (headers and body), seconds
-    request_timeout: float = attrs.field(default=30.0, validator=_seconds)
+    #: whole-request timeout (headers and body), seconds; on a cluster node at most two
+    #: thirds of ``lease_ttl`` (:meth:`delivery.Cluster.check`)
+    request_timeout: float = attrs.field(default=10.0, validator=_seconds)
     #: wire protocol; only ``matrix`` so far
     protocol: str = attrs.field(default="matrix", validator=_protocol)
     #: what to do on an HTTP status, over the defaults (:data:`DEFAULT_ACTIONS`):

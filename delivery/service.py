@@ -109,6 +109,12 @@ class DeliveryService(Service):
         events of its own ``sender_localpart`` user.
     :param senders: a sender per service id, replacing the Matrix sender (for other
         protocols and for tests).
+    :param cluster: how this service takes part in the cluster of its PostgreSQL
+        database (:class:`~delivery.Cluster`; ``Cluster()`` by default there); must be
+        None on SQLite.
+    :raises ValueError: for two registrations with one id, a cluster on SQLite, or a
+        registration whose ``request_timeout`` does not fit in a lease
+        (:meth:`~delivery.Cluster.check`).
     """
 
     name = "delivery"
@@ -235,6 +241,7 @@ class DeliveryService(Service):
             raise ValueError(
                 "a cluster needs PostgreSQL: SQLite is single-process (one daemon per file)"
             )
+        cluster.check(self.registrations.values())
         self._sorter.on_refused = self._on_refused
         self.store.on_queued(self._queued_elsewhere)
         return ClusterMember(self.store, cluster, self.clock, self, self._observers)
@@ -521,6 +528,8 @@ class DeliveryService(Service):
         Reloads run one at a time, each against the registrations the last one left.
         """
         new = _by_id(registrations)
+        if self._member is not None:
+            self._member.options.check(new.values())
         return self._reloading.run(lambda: Deferred.fromCoroutine(self._reload(new)))
 
     async def _reload(self, new: dict[str, Registration]) -> ReloadResult:

@@ -200,6 +200,39 @@ def test_a_cluster_on_sqlite_is_refused(reactor: Any, tmp_path: Any) -> None:
         )
 
 
+def test_a_request_timeout_must_fit_in_a_lease(reactor: Any) -> None:
+    # (the check comes before the store is opened: no database needed)
+    store = open_store("postgresql://postgres@127.0.0.1:1/none", reactor)
+    fits = registration("fits", "http://127.0.0.1:1", request_timeout=10.0)
+    slow = registration("slow", "http://127.0.0.1:1", request_timeout=10.5)
+    with pytest.raises(ValueError, match=r"request_timeout of 'slow' \(10.5 s\) is longer"):
+        DeliveryService(store, [fits, slow], reactor=reactor)  # a cluster by default
+    with pytest.raises(ValueError, match=r"with lease_ttl 9 s: at most 6 s"):
+        DeliveryService(store, [fits], reactor=reactor, cluster=Cluster(lease_ttl=9))
+    DeliveryService(store, [fits, slow], reactor=reactor, cluster=Cluster(lease_ttl=15.75))
+    DeliveryService(store, [fits, slow], reactor=reactor, cluster=None)
+
+
+@on_postgres
+@pytest_twisted.ensureDeferred
+async def test_a_reload_with_a_request_timeout_too_long_is_refused(
+    pg_url: str, reactor: Any
+) -> None:
+    clock = Clock()
+    clock.advance(1000.0)
+    a, _ = node(pg_url, reactor, clock, "a")
+    a.startService()
+    await a.started()
+    try:
+        before = dict(a.registrations)
+        slow = registration("s0", "http://127.0.0.1:1", request_timeout=11.0)
+        with pytest.raises(ValueError, match="request_timeout of 's0' \\(11 s\\)"):
+            a.reload([slow, *(r for r in before.values() if r.id != "s0")])
+        assert a.registrations == before
+    finally:
+        await a.stopService()
+
+
 def test_cluster_options_are_checked() -> None:
     with pytest.raises(ValueError, match="lease_ttl must be a number of seconds >= 3"):
         Cluster(lease_ttl=1)

@@ -97,6 +97,7 @@ async def test_a_daemon_alone_on_postgres_is_a_cluster_of_one(
         registrations(tmp_path, receiver, "a", "b"),
         database=postgres_url,
         cluster={"node_id": "solo", "lease_ttl": 3},
+        defaults={"request_timeout": 2},
     )
     running = await start_daemon(config, reactor)
     try:
@@ -157,6 +158,7 @@ async def test_two_daemons_on_one_postgres_share_the_services(
             registrations(folder, receiver, *ids),
             database=postgres_url,
             cluster={"node_id": f"node-{name}", "lease_ttl": 3},
+            defaults={"request_timeout": 2},
         )
         running.append(await start_daemon(config, reactor))
     try:

@@ -252,6 +252,37 @@ def test_a_bad_cluster_key_is_named(cluster: object, key: str, words: str) -> No
     assert "x" * 100 not in str(e.value)  # a long value is quoted short
 
 
+def test_a_request_timeout_longer_than_a_lease_allows_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "r.yaml").write_text(
+        "id: slow\nurl: http://127.0.0.1:9\nas_token: a\nhs_token: h\nsender_localpart: b\n"
+        "delivery: {request_timeout: 11}\n"
+    )
+
+    def config(extra: str) -> Config:
+        (tmp_path / "c.yaml").write_text(
+            "ingest_token: iiii\nadmin_token: aaaa\napp_service_config_files: [r.yaml]\n"
+            "database: postgresql://delivery@db.example.org/delivery\n" + extra
+        )
+        return load_config(tmp_path / "c.yaml")
+
+    # the default lease_ttl (15 s) allows 10 s, the default request_timeout
+    with pytest.raises(ConfigError) as e:
+        config("").registrations()
+    assert e.value.key == "cluster.lease_ttl"
+    assert "the request_timeout of 'slow' (11 s) is longer" in str(e.value)
+    assert "at most 10 s (two thirds of lease_ttl)" in str(e.value)
+    assert "lower request_timeout or raise cluster.lease_ttl" in str(e.value)
+    with pytest.raises(ConfigError, match=r"with lease_ttl 6 s: at most 4 s"):
+        config("cluster: {lease_ttl: 6}\n").registrations()
+    (registration,) = config("cluster: {lease_ttl: 16.5}\n").registrations()
+    assert registration.options.request_timeout == 11
+    # SQLite has no leases: any request_timeout
+    (tmp_path / "c.yaml").write_text(
+        "ingest_token: iiii\nadmin_token: aaaa\napp_service_config_files: [r.yaml]\n"
+    )
+    assert load_config(tmp_path / "c.yaml").registrations() == [registration]
+
+
 def test_a_cluster_section_on_sqlite_says_to_use_postgres() -> None:
     with pytest.raises(ConfigError) as e:
         parse({**TOKENS, "cluster": {"node_id": "a"}})

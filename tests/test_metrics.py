@@ -225,7 +225,7 @@ async def test_the_lease_gauges_are_read_at_scrape_on_postgres_only(
     clock.advance(1000)
     service, _, _ = make_service(
         open_store(db_url, reactor),
-        [registration("a", "http://127.0.0.1:1", users="@alice.*")],
+        [registration("a", "http://127.0.0.1:1", users="@alice.*", request_timeout=2)],
         reactor,
         clock=clock,
         senders={"a": ScriptedSender()},

@@ -724,6 +724,7 @@ async def test_the_cluster_answers_on_postgres_are_documented(
         ],
         database=postgres_url,
         cluster={"node_id": "node-one", "lease_ttl": 3},
+        defaults={"request_timeout": 2},
     )
     running = await start_daemon(config, reactor)
     check = Checker(running.url)
