@@ -67,9 +67,13 @@ class EventPool:
 
     def add(self, service_id: str, events: Sequence[QueuedEvent]) -> None:
         """Events just committed to the service's queue, in stream order."""
+        window = self._window(service_id)
+        # A refill on another connection (PostgreSQL) may have read some of them already,
+        # between the commit and this hand-over: the window holds each event once.
+        if events and events[0].stream_id <= window.loaded_up_to:
+            events = [e for e in events if e.stream_id > window.loaded_up_to]
         if not events:
             return
-        window = self._window(service_id)
         if window.backlog:
             window.touched = True
         else:

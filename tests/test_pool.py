@@ -69,3 +69,17 @@ async def test_full_only_waits_for_a_full_batch(store: Any) -> None:
     assert len(await pool.batch("a", 5, 10**6, full_only=True)) == 5
     one_event = len((await pool.batch("a", 1, 10**6))[0].json)
     assert len(await pool.batch("a", 10, 12 + 2 * one_event, full_only=True)) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_events_a_refill_read_already_are_not_added_twice(store: Any) -> None:
+    # On PostgreSQL a refill on another connection may read events the sorter committed
+    # before the sorter hands them over: the hand-over must not add them again.
+    queued = await queue_events(store, 5)
+    pool = EventPool(store, window=100)
+    pool.touch("a")  # (another node queued events: read the queue)
+    batch = await pool.batch("a", 100, 10**6)
+    assert [q.stream_id for q in batch] == [1, 2, 3, 4, 5]
+    pool.add("a", queued[3:])  # the sorter's hand-over of its last commit, late
+    assert pool.pending("a") == 5
+    assert [q.stream_id for q in await pool.batch("a", 100, 10**6)] == [1, 2, 3, 4, 5]
