@@ -60,6 +60,12 @@ class Config:
     routed_events: int = 200_000
     #: events of soak (``--events`` sets them too)
     soak_events: int = 2_000_000
+    #: events of scale-out, for each number of daemons; the owners SIGKILLed and the
+    #: SIGTERMs it times; the daemons' ``cluster.lease_ttl``
+    scale_events: int = 200_000
+    failover_kills: int = 10
+    scale_handovers: int = 2
+    scale_lease_ttl: float = 15.0
     progress: Progress | None = None
 
     @classmethod
@@ -75,6 +81,10 @@ class Config:
                 "backlog_events": 20_000,
                 "routed_events": 10_000,
                 "soak_events": 60_000,
+                "scale_events": 6_000,
+                "failover_kills": 2,
+                "scale_handovers": 1,
+                "scale_lease_ttl": 3.0,
             }
             if quick
             else {"events": 200_000, "latency_seconds": 10.0}

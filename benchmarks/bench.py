@@ -45,6 +45,13 @@ Scenarios (full size):
   10,000 ahead of delivery), with housekeeping deleting delivered events after 3 s
   (:mod:`benchmarks.bench_soak`): events/s, and the database's size and this process's
   memory after the first 10 % of the run and at its end.
+- ``scale-out``: 100 services (each with a receiver port of its own, each event wanted by
+  one of them), 1, 2 and 3 daemons (``twistd`` processes) on one PostgreSQL database, a
+  load process per daemon offering it a share of 200,000 events
+  (:mod:`benchmarks.bench_scale`): events/s end to end for each; CPU milliseconds per
+  1,000 events of the daemons, of PostgreSQL and of the loads, and how busy the cores
+  were; then the failover time (median and max of 10 SIGKILLs of a service's owner, ``lease_ttl``
+  15 s) and of a clean stop (SIGTERM).
 
 Only public API is used: ``delivery``'s names, ``delivery.store.open_store`` and the
 ``IStore`` it returns, and the daemon as ``twistd`` builds it (``delivery.daemon.Daemon``).
@@ -107,6 +114,8 @@ from ._core import (
 )
 
 #: the repository: the processes a benchmark starts run ``-m benchmarks...`` from here
+from .bench_scale import SERVICES as SCALE_SERVICES
+from .bench_scale import scale_out
 from .bench_soak import soak, versus_throughput
 
 # -- scenarios --
@@ -573,10 +582,11 @@ SCENARIOS: dict[str, Scenario] = {
     "backlog-memory": backlog_memory,
     "many-services": many_services,
     "soak": soak,
+    "scale-out": scale_out,
 }
 
 #: receiver ports a scenario needs (one unless said)
-PORTS = {"fanout": FANOUT_SERVICES}
+PORTS = {"fanout": FANOUT_SERVICES, "scale-out": SCALE_SERVICES}
 
 
 # -- running and reporting --
@@ -663,6 +673,10 @@ def report(
             "backlog_events": config.backlog_events,
             "routed_events": config.routed_events,
             "soak_events": config.soak_events,
+            "scale_events": config.scale_events,
+            "failover_kills": config.failover_kills,
+            "scale_handovers": config.scale_handovers,
+            "scale_lease_ttl": config.scale_lease_ttl,
         },
         "results": [
             {

@@ -6,12 +6,13 @@ Run as::
 
     python -m benchmarks.bench_load --url URL --token TOKEN --events N
                                   [--batch 100] [--concurrency 4] [--prefix STR]
+                                  [--senders N] [--start-at T] [--cpu]
 
 (from the repository's root, or by the path of this file: it needs Twisted and treq,
-not ``delivery``). It starts sending
-at once, keeps ``--concurrency`` requests in flight over as many persistent connections,
-each with the next batch of ``--batch`` events, and prints one JSON line when every event
-is acknowledged::
+not ``delivery``). It starts sending at once (or at ``--start-at``), keeps
+``--concurrency`` requests in flight over as many persistent connections, each with the
+next batch of ``--batch`` events, and prints one JSON line when every event is
+acknowledged::
 
     {"events": N, "requests": R, "started": t0, "finished": t1, "retries": k}
 
@@ -19,18 +20,24 @@ is acknowledged::
 answered 503 (the database does not answer) or 429 (too many ingests at once) and sent
 again after ``--retry-delay`` seconds; ``started`` and ``finished`` are ``time.time()``
 before the first request and after the last answer. Any other answer, or no answer, stops
-it with one line on stderr and exit status 1.
+it with one line on stderr and exit status 1. With ``--cpu`` the line also has ``"cpu"``:
+the user and system seconds this process spent from ``started`` to ``finished``.
 
 The events are those of ``benchmarks.bench.make_events`` (``$PREFIX-0`` to
 ``$PREFIX-{N-1}``), but ``content.ts`` is ``time.time()`` when the request that carries it
-is sent (the receiver measures latency from it). Every body is encoded before the clock
-starts, split around the place of ``ts``; a request only joins the parts with the time.
+is sent (the receiver measures latency from it). With ``--senders N`` the ``i``-th event is
+from ``@bridge{i % N}_{i}:example.org`` (as ``make_events(..., senders=N)`` has it), so the
+events spread evenly over the users of N services, not all from one user. Every body is
+encoded before the clock starts, split around the place of ``ts``; a request only joins
+the parts with the time. ``--start-at T`` waits, once the bodies are encoded, until
+``time.time()`` is ``T`` (several load processes started together then begin together).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -49,8 +56,10 @@ from zope.interface import implementer
 #: answers after which the same request is sent again: nothing of it was stored
 RETRY_STATUSES = frozenset((503, 429))
 
-#: stand for the number of an event and for ``content.ts`` in the template of an event
+#: stand for the number of an event, its sender's number and ``content.ts`` in the
+#: template of an event
 _I = "@@i@@"
+_U = "@@u@@"
 _TS = "@@ts@@"
 
 
@@ -58,33 +67,43 @@ class LoadError(Exception):
     """The daemon refused a batch or could not be reached: the load stops."""
 
 
-def event(prefix: str, i: int | str, ts: float | str) -> dict[str, Any]:
-    """The ``i``-th event, shaped as ``benchmarks.bench.make_events`` makes them."""
+def event(
+    prefix: str, i: int | str, ts: float | str, user: int | str | None = None
+) -> dict[str, Any]:
+    """
+    The ``i``-th event, shaped as ``benchmarks.bench.make_events`` makes them: from
+    ``@bridge{user}_{i}`` (``make_events``'s ``senders``), or ``@bench_user`` if None.
+    """
     return {
         "event_id": f"${prefix}-{i}",
         "type": "m.room.message",
         "room_id": "!bench:example.org",
-        "sender": "@bench_user:example.org",
+        "sender": f"@bridge{user}_{i}:example.org"
+        if user is not None
+        else "@bench_user:example.org",
         "content": {"msgtype": "m.text", "body": f"benchmark message {i}", "ts": ts},
     }
 
 
-def encode_bodies(prefix: str, total: int, size: int) -> list[list[bytes]]:
+def encode_bodies(prefix: str, total: int, size: int, senders: int = 0) -> list[list[bytes]]:
     """
-    Every request body, split where its events' ``ts`` go (see :func:`stamp`).
+    Every request body, split where its events' ``ts`` go (see :func:`stamp`); the events
+    from ``senders`` users (see :func:`event`), or from one if 0.
 
     One event is encoded with ``json.dumps``; the others are that template with their
-    number put in, many times faster than encoding each.
+    numbers put in, many times faster than encoding each.
     """
-    template = json.dumps(event(prefix, _I, _TS), separators=(",", ":"))
+    if _I in prefix or _U in prefix:
+        raise ValueError(f"the prefix must not hold {_I!r} or {_U!r}: {prefix!r}")
+    user = _U if senders else None
+    template = json.dumps(event(prefix, _I, _TS, user), separators=(",", ":"))
     head, tail = template.split(f'"{_TS}"')
-    pieces = head.split(_I)
-    if len(pieces) != 3:
-        raise ValueError(f"the prefix must not hold {_I!r}: {prefix!r}")
-    first, middle, last = pieces
+    # the head as a format string: {0} the event's number, {1} its sender's
+    form = head.replace("{", "{{").replace("}", "}}").replace(_I, "{0}").replace(_U, "{1}")
     bodies = []
     for start in range(0, total, size):
-        heads = [f"{first}{i}{middle}{i}{last}" for i in range(start, min(start + size, total))]
+        numbers = range(start, min(start + size, total))
+        heads = [form.format(i, i % senders if senders else 0) for i in numbers]
         parts = ['{"events":[' + heads[0], *(f"{tail},{h}" for h in heads[1:]), tail + "]}"]
         bodies.append([p.encode() for p in parts])
     return bodies
@@ -191,23 +210,34 @@ def matrix_error(body: bytes) -> str:
         return text[:200] or "(no body)"
 
 
+def cpu_seconds() -> float:
+    """The user and system seconds this process has spent so far (all its threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 async def run(reactor: Any, options: argparse.Namespace) -> None:
-    bodies = encode_bodies(options.prefix, options.events, options.batch)
+    bodies = encode_bodies(options.prefix, options.events, options.batch, options.senders)
     load = Load(reactor, options.url, options.token, options.concurrency, options.retry_delay)
+    if options.start_at is not None:
+        await task.deferLater(reactor, max(0.0, options.start_at - time.time()))
     started = time.time()
+    cpu = cpu_seconds()
     try:
         await load.offer(bodies)
     except LoadError as e:
         sys.stderr.write(f"bench_load: {e}\n")
         raise SystemExit(1) from None
     finished = time.time()
-    line = {
+    line: dict[str, Any] = {
         "events": options.events,
         "requests": load.requests,
         "started": started,
         "finished": finished,
         "retries": load.retries,
     }
+    if options.cpu:
+        line["cpu"] = cpu_seconds() - cpu
     sys.stdout.write(json.dumps(line) + "\n")
     sys.stdout.flush()
 
@@ -228,6 +258,18 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=positive, default=4, help="requests in flight")
     parser.add_argument("--prefix", default="load", help="of the event ids: $PREFIX-i")
     parser.add_argument(
+        "--senders",
+        type=int,
+        default=0,
+        help="spread the events over the users @bridge{i %% N}_{i} of N services (0: one user)",
+    )
+    parser.add_argument(
+        "--start-at", type=float, help="time.time() at which to begin, once the bodies are made"
+    )
+    parser.add_argument(
+        "--cpu", action="store_true", help='report this process\'s CPU seconds ("cpu")'
+    )
+    parser.add_argument(
         "--retry-delay", type=float, default=0.1, help="seconds before sending again on 503/429"
     )
     options = parser.parse_args(argv)
@@ -235,8 +277,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error("--events must not be negative")
     if urlsplit(options.url).scheme not in ("http", "https"):
         parser.error(f"--url must be http://HOST:PORT of the daemon, not {options.url!r}")
-    if _I in options.prefix:
-        parser.error(f"--prefix must not hold {_I!r}")
+    if _I in options.prefix or _U in options.prefix:
+        parser.error(f"--prefix must not hold {_I!r} or {_U!r}")
+    if options.senders < 0:
+        parser.error("--senders must not be negative")
     return options
 
 
