@@ -51,7 +51,8 @@ class IStore(IEventSource):
         """
         None while the database takes writes; else why it does not, in plain words ("the
         database cannot be written: disk full (/var/lib/delivery.db)"), from the write that
-        failed so until one commits again. Each change is logged once, by the store.
+        failed so until one commits again, or because the store is not open. Each change
+        of a write's outcome is logged once, by the store.
         """
 
     def close() -> Deferred[None]:
@@ -67,6 +68,9 @@ class IStore(IEventSource):
 
     def sorter_position() -> Deferred[int]:
         """The stream position up to which events have been routed (0 at first)."""
+
+    def newest_stream_id() -> Deferred[int]:
+        """The stream position of the newest event stored (0 when there is none)."""
 
     def commit_sorted(
         position: int,
@@ -127,10 +131,19 @@ class IStore(IEventSource):
         """
 
     def release_leases(incarnation: str, names: Sequence[str]) -> Deferred[None]:
-        """Give back those of ``names`` this process holds."""
+        """Give back those of ``names`` this process holds; the other nodes are told."""
 
-    def leave(node_id: str, incarnation: str) -> Deferred[None]:
-        """This node stops: its heartbeat row goes."""
+    def leave(node_id: str, incarnation: str, held: Sequence[str]) -> Deferred[None]:
+        """
+        This node stops: it gives back the leases it ``held`` and its heartbeat row goes,
+        at once; the other nodes are told.
+        """
+
+    def on_released(callback: Callable[[], None]) -> None:
+        """
+        Call ``callback`` when another process gave leases back or left the cluster (or
+        may have: the connection that listens is back), where the store can tell.
+        """
 
     def free_pages() -> Deferred[int]:
         """Pages of the database file that hold nothing and can be given back (or 0)."""
@@ -290,6 +303,21 @@ class IStore(IEventSource):
         Call ``callback`` with the ids of the services another process queued events for
         (None: maybe any, as when the connection that listens is back), so that their
         senders here read their queues.
+        """
+
+    def ask(service_id: str, action: str) -> Deferred[None]:
+        """
+        Ask the process that sends to the service, whichever it is, to ``retry`` at once,
+        ``enable`` it (a disabled service's recorded state also becomes ``recovering``, so
+        that a process taking it over starts it enabled) or ``rewind`` (read its queue from
+        the start: dead letters were redriven). Processes that listen hear it through
+        ``on_asked``; a store no other process shares only records the ``enable``.
+        """
+
+    def on_asked(callback: Callable[[tuple[str, str] | None], None]) -> None:
+        """
+        Call ``callback`` with ``(service_id, action)`` for each :meth:`ask` of any process
+        (None: maybe some were missed, as when the connection that listens is back).
         """
 
     # -- replay --

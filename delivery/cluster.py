@@ -109,9 +109,8 @@ class Cluster:
 
     def check(self, registrations: Iterable[Registration]) -> None:
         """
-        Refuse a registration whose requests may outlast what a lease guarantees.
-
-        :raises ValueError: naming the first such registration.
+        Refuse a registration whose requests may outlast what a lease guarantees: a
+        ValueError names the first such registration.
         """
         for registration in registrations:
             timeout = registration.options.request_timeout
@@ -192,7 +191,10 @@ class ClusterMember:
         self._timer: IDelayedCall | None = None
         self._deadline: IDelayedCall | None = None
         self._ticking: Deferred[None] | None = None
+        #: tick again at once once the one running ends
+        self._again = False
         self._stopped = True
+        store.on_released(self._released)
         #: one change of leases at a time (a tick, a loss, the stop)
         self._lock = DeferredLock()
 
@@ -243,8 +245,7 @@ class ClusterMember:
             names = list(self.held)
             await self._stop_using(names)
             try:
-                await self._store.release_leases(self.incarnation, names)
-                await self._store.leave(self.options.node_id, self.incarnation)
+                await self._store.leave(self.options.node_id, self.incarnation, names)
             except StoreUnavailableError as e:
                 log.warn("could not give the leases back ({error}): they expire", error=str(e))
                 return
@@ -254,8 +255,24 @@ class ClusterMember:
     # -- the tick: heartbeat, renewal, shares --
 
     def _schedule(self) -> None:
-        if not self._stopped:
+        if self._stopped:
+            return
+        if self._again:
+            self._again = False
+            self._begin()
+        else:
             self._timer = self._clock.callLater(self.options.renew_every, self._begin)
+
+    def _released(self) -> None:
+        """Another node gave leases back or left: look at the shares now, not later."""
+        if self._stopped:
+            return
+        if self._ticking is not None:
+            self._again = True  # (the tick running may have read before)
+            return
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._begin()
 
     def _begin(self) -> None:
         self._timer = None

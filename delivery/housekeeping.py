@@ -127,6 +127,8 @@ class Housekeeper:
         self._stopped = False
         self._running: Deferred[None] | None = None
         self._timer: IDelayedCall | None = None
+        #: passes run by themselves: between start() and stop()
+        self.active = False
         #: one pass at a time (the loop's, or one asked for)
         self._lock = DeferredLock()
         #: rows deleted since start, by table
@@ -136,6 +138,9 @@ class Housekeeper:
 
     def start(self) -> None:
         """Run a pass now, and one every ``interval`` after each ends."""
+        if self.active:
+            return
+        self.active = True
         self._stopped = False
         self._schedule(0.0)
 
@@ -237,6 +242,7 @@ class Housekeeper:
 
     async def stop(self) -> None:
         """Stop: no pass starts any more, and the one running ends after its batch."""
+        self.active = False
         self._stopped = True
         if self._timer is not None and self._timer.active():
             self._timer.cancel()

@@ -46,6 +46,9 @@ class Metrics:
     def __init__(self, clock: IReactorTime, registry: CollectorRegistry | None = None) -> None:
         self.clock = clock
         self.registry = registry if registry is not None else CollectorRegistry()
+        #: whether the gauges of the whole database are in the registry (on a cluster,
+        #: only the router's are)
+        self._reporting_database = True
         r = self.registry
         self.ingested = Counter(
             "delivery_events_ingested",
@@ -234,6 +237,11 @@ class Metrics:
         """Bring the gauges up to date from the store, and render the text format."""
         now = self.clock.seconds()
         summaries = await service.store.summaries()
+        here = service.services_here
+        if here is not None:
+            # On a cluster each service is reported by the node that sends to it, and what
+            # concerns the whole database by the router: a sum over the nodes counts once.
+            summaries = {i: summary for i, summary in summaries.items() if i in here}
         for service_id, summary in summaries.items():
             self.queued.labels(service_id).set(summary.queued_events)
             self.stored.labels(service_id).set(summary.stored_transactions)
@@ -242,18 +250,19 @@ class Metrics:
             self._set_state(service_id, service.state_of(service_id))
         too_old = await service.pending_too_long()
         for registration in service.registrations.values():
-            if registration.options.max_pending_age is not None:
+            if registration.options.max_pending_age is not None and registration.id in summaries:
                 self.too_old.labels(registration.id).set(1 if registration.id in too_old else 0)
         dead = await service.store.dead_letter_counts()
         for service_id in summaries:
             self.dead_letters.labels(service_id).set(dead.get(service_id, 0))
-        for gauge in (self.queued, self.stored, self.oldest, self.dead_letters):
+        for gauge in (self.queued, self.stored, self.oldest, self.dead_letters, self.too_old):
             for labels in _label_sets(gauge):
-                if labels[0] not in summaries:  # purged
+                if labels[0] not in summaries:  # purged, or sent to by another node
                     gauge.remove(*labels)
         for labels in _label_sets(self.state):
             if labels[0] not in summaries:
                 self.state.remove(*labels)
+        self._report_database(service.routes_here)
         stats = service.database_stats
         if stats is not None:
             size, rows = stats
@@ -270,6 +279,17 @@ class Metrics:
         self.lag_events.set(lag)
         self.lag_seconds.set(0 if oldest_unrouted is None else max(0.0, now - oldest_unrouted))
         return generate_latest(self.registry)
+
+    def _report_database(self, routes_here: bool) -> None:
+        """Report what concerns the whole database here, or not (another node does)."""
+        if routes_here == self._reporting_database:
+            return
+        for gauge in (self.lag_events, self.lag_seconds, self.database_size, self.database_rows):
+            if routes_here:
+                self.registry.register(gauge)
+            else:
+                self.registry.unregister(gauge)
+        self._reporting_database = routes_here
 
 
 def _label_sets(gauge: Gauge) -> list[tuple[str, ...]]:

@@ -22,8 +22,8 @@ from ._log import Logger
 from ._observers import Observers
 from ._replay import Replayer, ReplayRange
 from ._services import Services
-from ._state import State
-from .cluster import Cluster, ClusterMember
+from ._state import ServiceHandle, State
+from .cluster import ROUTER, SERVICE_PREFIX, Cluster, ClusterMember
 from .errors import (
     DeliveryError,
     NotAcceptingEventsError,
@@ -188,6 +188,8 @@ class DeliveryService(Service):
         #: one reload at a time: each one's changes are worked out from the last one's
         self._reloading = DeferredLock()
         self._replayer = Replayer(store, self._sorter, self.clock)
+        #: callers of routed() on a cluster, waiting to look at the routed position again
+        self._routing_waiters: list[Deferred[None]] = []
         self._member = self._cluster_member(cluster)
         self._starting: Deferred[None] | None = None
         self._start_failure: Failure | None = None
@@ -244,6 +246,7 @@ class DeliveryService(Service):
         cluster.check(self.registrations.values())
         self._sorter.on_refused = self._on_refused
         self.store.on_queued(self._queued_elsewhere)
+        self.store.on_asked(self._asked)
         return ClusterMember(self.store, cluster, self.clock, self, self._observers)
 
     # -- the cluster's node (delivery.cluster.Node) --
@@ -263,10 +266,13 @@ class DeliveryService(Service):
         await self._services.stopped(service_id)
 
     async def start_routing(self, fence: Fence) -> None:
+        # The router also keeps the database bounded: one housekeeper for the cluster.
         position = await self.store.sorter_position()
         self._sorter.start(position, fence)
+        self._housekeeper.start()
 
     async def stop_routing(self) -> None:
+        await self._housekeeper.stop()
         await self._sorter.stop()
 
     def peers(self, live: list[str]) -> None:
@@ -281,8 +287,55 @@ class DeliveryService(Service):
         if self._member is not None:
             self._member.refused(lease)
 
+    def _asked(self, asked: tuple[str, str] | None) -> None:
+        """An operator asked another node for something a service's sender does."""
+        if asked is not None:
+            service_id, action = asked
+            handle = self._services.get(service_id)
+            if handle is not None:
+                self._do(handle, action)
+            return
+        # Requests may have been missed: whatever they were, the services sending here
+        # read their queues afresh, and a disabled one enabled meanwhile is sent to.
+        for handle in list(self._services):
+            self._do(handle, "rewind")
+            if handle.state is State.DISABLED:
+                d = Deferred.fromCoroutine(self._enabled_elsewhere(handle))
+                d.addErrback(
+                    lambda f: log.warn(
+                        "reading the state of a disabled service failed: {e}",
+                        e=f.getErrorMessage(),
+                    )
+                )
+
+    async def _enabled_elsewhere(self, handle: ServiceHandle) -> None:
+        """A service disabled here may have been enabled through another node: see."""
+        await handle.recorded()  # (its own "disabled" written first)
+        record = (await self.store.services(handle.id)).get(handle.id)
+        if record is not None and record.state != str(State.DISABLED):
+            self._do(handle, "enable")
+
+    def _do(self, handle: ServiceHandle, action: str) -> None:
+        """What an operator asked of a service sending here (see :meth:`IStore.ask`)."""
+        if action == "retry":
+            self._recoverer.retry_now(handle)
+        elif action == "enable":
+            self._recoverer.enable(handle)
+        else:  # rewind
+            self._pool.rewind(handle.id)
+            self._services.ready(handle.id)
+
+    async def _ask(self, service_id: str, action: str) -> None:
+        """Have the node sending to the service do ``action``: this one, or another."""
+        handle = self._services.get(service_id)
+        if handle is not None:
+            self._do(handle, action)
+        elif self._member is not None:
+            await self.store.ask(service_id, action)
+
     def _queued_elsewhere(self, service_ids: list[str] | None) -> None:
         """Another node routed events: the services sending here read their queues."""
+        self._nudge_waiters()
         for service_id in service_ids if service_ids is not None else self.service_ids():
             if service_id in self._services:
                 self._pool.touch(service_id)
@@ -304,10 +357,10 @@ class DeliveryService(Service):
             for registration in registrations:
                 self._services.start(registration, starts[registration.id])
             self._sorter.start(position)
+            self._housekeeper.start()
         if not self._external_source:
             self.store.on_new_events(self._sorter.wake)
         self._age_check = self.clock.callLater(AGE_CHECK_INTERVAL, self._check_ages)
-        self._housekeeper.start()
 
     async def _while_unavailable(self, step: Callable[[], Awaitable[T]]) -> T:
         """``step()``, tried again with backoff while the store is unavailable, for a while."""
@@ -342,10 +395,11 @@ class DeliveryService(Service):
         is back under: nothing is ever dropped for it.
         """
         now = self.clock.seconds()
+        here = self.services_here  # (on a cluster each node watches what it sends)
         limits = {
             r.id: r.options.max_pending_age
             for r in self.registrations.values()
-            if r.options.max_pending_age is not None
+            if r.options.max_pending_age is not None and (here is None or r.id in here)
         }
         if not limits:
             return {}
@@ -496,28 +550,68 @@ class DeliveryService(Service):
         )
 
     @property
+    def services_here(self) -> frozenset[str] | None:
+        """
+        On a cluster, the services this node sends to now (those whose lease it holds);
+        None without one: this process sends to every service.
+        """
+        if self._member is None:
+            return None
+        return frozenset(
+            name.removeprefix(SERVICE_PREFIX)
+            for name in self._member.held
+            if name.startswith(SERVICE_PREFIX)
+        )
+
+    @property
+    def routes_here(self) -> bool:
+        """Whether this node routes the events (and keeps the database bounded) now."""
+        return self._member is None or ROUTER in self._member.held
+
+    @property
     def leases_held(self) -> frozenset[str]:
         """The leases this node holds now (``router``, ``service:ID``)."""
         return frozenset(self._member.held) if self._member is not None else frozenset()
 
     @deferred
     async def retry_now(self, service_id: str) -> None:
-        """End the backoff wait of a DOWN service and try it at once."""
+        """
+        End the backoff wait of a DOWN service and try it at once (on a cluster, the node
+        that sends to it does, told through the database).
+        """
         await self._started()
         if service_id not in self.registrations:
             raise UnknownServiceError(service_id)
-        handle = self._services.get(service_id)
-        if handle is not None:
-            self._recoverer.retry_now(handle)
+        await self._ask(service_id, "retry")
 
     @deferred
     async def routed(self) -> None:
         """
         Fires once every event submitted (or offered by the event source) before the call
-        is routed into the queues of the services that want it.
+        is routed into the queues of the services that want it (on a cluster, by whichever
+        node routes: this one watches the routed position in the database).
         """
         await self._started()
-        await self._sorter.caught_up()
+        if self._member is None or self._external_source:
+            await self._sorter.caught_up()
+            return
+        target = await self.store.newest_stream_id()
+        while await self.store.sorter_position() < target:
+            # Looked at again after a poll interval, when the router says it queued
+            # events, or when this node's own sorter (if it routes) caught up.
+            nudge: Deferred[None] = Deferred()
+            self._routing_waiters.append(nudge)
+            timer = self.clock.callLater(self._sorter.poll_interval, self._nudge_waiters)
+            if self.routes_here:
+                self._sorter.caught_up().addBoth(lambda _: self._nudge_waiters())
+            await nudge
+            if timer.active():
+                timer.cancel()
+
+    def _nudge_waiters(self) -> None:
+        waiters, self._routing_waiters = self._routing_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
 
     def reload(self, registrations: Iterable[Registration]) -> Deferred[ReloadResult]:
         """
@@ -644,13 +738,15 @@ class DeliveryService(Service):
 
     @deferred
     async def enable(self, service_id: str) -> None:
-        """Send to a service disabled by its receiver (HTTP 410) again."""
+        """
+        Send to a service disabled by its receiver (HTTP 410) again (on a cluster, the node
+        that sends to it does, told through the database; the database records it enabled
+        at once, for whichever node sends to it next).
+        """
         await self._started()
         if service_id not in self.registrations:
             raise UnknownServiceError(service_id)
-        handle = self._services.get(service_id)
-        if handle is not None:
-            self._recoverer.enable(handle)
+        await self._ask(service_id, "enable")
 
     @deferred
     async def dead_letters(
@@ -670,8 +766,7 @@ class DeliveryService(Service):
         count = await self.store.redrive(service_id, ids)
         if count:
             log.info("{service}: {count} dead letter(s) redriven", service=service_id, count=count)
-            self._pool.rewind(service_id)
-            self._services.ready(service_id)
+            await self._ask(service_id, "rewind")
         return count
 
     @deferred

@@ -22,6 +22,9 @@ def registration(
     exclusive: bool = True,
     **options: Any,
 ) -> Registration:
+    # These tests move their clock in leaps (10 s and more) while requests to real
+    # receivers are in flight: none may time out in a leap unless a test says so.
+    options.setdefault("request_timeout", 60.0)
     namespaces: dict[str, list[dict[str, Any]]] = {}
     for kind, regex in (("users", users), ("rooms", rooms), ("aliases", aliases)):
         if regex is not None:

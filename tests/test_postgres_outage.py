@@ -20,12 +20,13 @@ from twisted.internet import task, threads
 from twisted.logger import ILogObserver, LogEvent, LogLevel, globalLogPublisher
 from zope.interface import implementer
 
+from delivery.daemon import Daemon
 from delivery.errors import StoreUnavailableError
 from delivery.store import PostgresStore, open_store
 from delivery.store._connections import RECONNECT, Pool
 from delivery.store._sql import EVENTS_CHANNEL
 
-from .daemon_harness import INGEST, start_daemon, write_config, write_registration
+from .daemon_harness import INGEST, Running, start_daemon, write_config, write_registration
 from .harness import event, make_service, registration
 from .test_postgres import until
 
@@ -419,3 +420,30 @@ async def test_the_daemon_answers_503_while_the_database_is_away(
         assert receiver.event_ids == ["$e1", "$e2"]
     finally:
         await running.daemon.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_health_answers_503_while_the_daemon_cannot_reach_the_database_to_start(
+    tmp_path: Path, postgres_url: str, reactor: Any, receiver: Any, logged: Log
+) -> None:
+    config = write_config(
+        tmp_path, [write_registration(tmp_path, "a", receiver.url)], database=postgres_url
+    )
+    _terminate_backends(postgres_url, keep_out=True)  # the database refuses us at first
+    daemon = Daemon(config, reactor=reactor)
+    try:
+        daemon.startService()
+        assert daemon.web.listening is not None
+        port = (await daemon.web.listening).getHost().port  # type: ignore[attr-defined]
+        running = Running(daemon, f"http://127.0.0.1:{port}")
+        status, body = await running.request("GET", "/health", token=None)
+        assert (status, body["errcode"]) == (503, "M_UNAVAILABLE"), body
+        assert body["error"] == "the database is not open (the service is starting, or stopped)"
+        assert logged.tracebacks() == []
+    finally:
+        _let_in(postgres_url)
+    await daemon.delivery.started()
+    try:
+        assert (await running.request("GET", "/health", token=None))[0] == 200
+    finally:
+        await daemon.stopService()

@@ -143,6 +143,44 @@ async def test_one_service_record_is_read_alone(store: Any) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_asking_to_enable_records_a_disabled_service_enabled_and_nothing_else(
+    store: Any,
+) -> None:
+    await store.ensure_services(["off", "down"])
+    await store.set_state("off", "disabled")
+    await store.set_state("down", "down")
+    for service_id in ("off", "down", "nobody"):
+        await store.ask(service_id, "enable")
+    await store.ask("down", "retry")
+    await store.ask("down", "rewind")
+    states = {i: r.state for i, r in (await store.services()).items()}
+    assert states == {"off": "recovering", "down": "down"}
+    with pytest.raises(ValueError, match="cannot ask for 'purge': only enable, retry, rewind"):
+        await store.ask("down", "purge")
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_newest_stream_id_is_that_of_the_newest_event_kept(store: Any) -> None:
+    assert await store.newest_stream_id() == 0
+    ingested = await store.insert_events(prepare([event(1), event(2)]), 10.0)
+    assert await store.newest_stream_id() == max(ingested.stream_ids) > 0
+
+
+def test_what_is_asked_is_read_back_and_nonsense_is_anything() -> None:
+    assert _sql.asked(_sql.asked_payload("svc", "enable")) == ("svc", "enable")
+    assert _sql.asked_payload("x" * 8000, "retry") == ""  # too long for a NOTIFY
+    for payload in (
+        None,
+        "",
+        "[]",
+        "{",
+        '{"service": 1, "action": "retry"}',
+        '{"service": "a", "action": "purge"}',
+    ):
+        assert _sql.asked(payload) is None
+
+
+@pytest_twisted.ensureDeferred
 async def test_sqlite_operations_asked_together_commit_together_and_fail_alone(
     tmp_path: Path, reactor: Any
 ) -> None:

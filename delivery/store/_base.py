@@ -53,7 +53,12 @@ class GeneratorStore:
         self.instance = instance
 
     def health(self) -> str | None:
+        if not self._is_open():
+            return "the database is not open (the service is starting, or stopped)"
         return self._problem
+
+    def _is_open(self) -> bool:
+        raise NotImplementedError
 
     def _cannot_write(self, problem: str) -> StoreUnavailableError:
         """A write failed because of ``problem``: the error for its caller."""
@@ -82,6 +87,15 @@ class GeneratorStore:
     def on_queued(self, callback: Callable[[list[str] | None], None]) -> None:
         """Only PostgreSQL can tell of other processes' routing; elsewhere nothing to do."""
 
+    def on_asked(self, callback: Callable[[tuple[str, str] | None], None]) -> None:
+        """Only PostgreSQL carries requests between processes; elsewhere nothing to do."""
+
+    def on_released(self, callback: Callable[[], None]) -> None:
+        """Only PostgreSQL has several processes share leases; elsewhere nothing to do."""
+
+    def ask(self, service_id: str, action: str) -> Deferred[None]:
+        return self._run(_sql.ask, service_id, action)
+
     def insert_events(self, events: Sequence[Event], now: float) -> Deferred[Ingested]:
         return self._run(_sql.insert_events, events, now)
 
@@ -91,6 +105,9 @@ class GeneratorStore:
 
     def sorter_position(self) -> Deferred[int]:
         return self._run(_sql.sorter_position)
+
+    def newest_stream_id(self) -> Deferred[int]:
+        return self._run(_sql.newest_stream_id)
 
     def commit_sorted(
         self,
@@ -140,8 +157,8 @@ class GeneratorStore:
     def release_leases(self, incarnation: str, names: Sequence[str]) -> Deferred[None]:
         return self._run(_leases.release_leases, incarnation, names)
 
-    def leave(self, node_id: str, incarnation: str) -> Deferred[None]:
-        return self._run(_leases.leave, node_id, incarnation)
+    def leave(self, node_id: str, incarnation: str, held: Sequence[str]) -> Deferred[None]:
+        return self._run(_leases.leave, node_id, incarnation, held)
 
     def free_pages(self) -> Deferred[int]:
         return self._run(_retention.free_pages, self.dialect)

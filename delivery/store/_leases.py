@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..records import LeaseInfo, NodeInfo
-from ._sql import Insert, Query, Steps
+from ._sql import RELEASED_CHANNEL, Insert, Notify, Query, Steps
 
 #: the most names one statement is given
 _CHUNK = 500
@@ -109,21 +109,37 @@ def acquire_leases(
     return taken
 
 
-def release_leases(incarnation: str, names: Sequence[str]) -> Steps[None]:
-    """Give back those of ``names`` this process holds: free at once, for any node."""
+def _release(incarnation: str, names: Sequence[str]) -> Steps[int]:
+    released = 0
     for chunk in _chunks(names):
-        yield Query(
+        released += yield Query(
             "UPDATE leases SET owner = NULL, incarnation = NULL, expires_ts = NULL"
             f" WHERE incarnation = ? AND name IN ({_marks(chunk)})",
             (incarnation, *chunk),
             fetch="count",
         )
+    return released
 
 
-def leave(node_id: str, incarnation: str) -> Steps[None]:
-    """This node stops: its heartbeat row goes (its leases were given back first)."""
-    yield Query(
+def release_leases(incarnation: str, names: Sequence[str]) -> Steps[None]:
+    """
+    Give back those of ``names`` this process holds: free at once, for any node, and the
+    other nodes are told (they look at their shares at once, not at their next renewal).
+    """
+    if (yield from _release(incarnation, names)):
+        yield Notify(RELEASED_CHANNEL)
+
+
+def leave(node_id: str, incarnation: str, held: Sequence[str]) -> Steps[None]:
+    """
+    This node stops: it gives back the leases it ``held`` and its heartbeat row goes, in
+    one transaction, so that the others see it gone when they are told.
+    """
+    released = yield from _release(incarnation, held)
+    deleted = yield Query(
         "DELETE FROM nodes WHERE node_id = ? AND incarnation = ?",
         (node_id, incarnation),
         fetch="count",
     )
+    if released or deleted:
+        yield Notify(RELEASED_CHANNEL)

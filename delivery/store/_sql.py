@@ -94,6 +94,12 @@ MIGRATE_LOCK = 0x64656C6D  # "delm"
 EVENTS_CHANNEL = "delivery_events"
 #: what the router says once it queued events for services (their ids, in JSON)
 QUEUED_CHANNEL = "delivery_queued"
+#: an operator's request for the node sending to a service (see :func:`ask`)
+ASKED_CHANNEL = "delivery_asked"
+#: a node gave leases back or left: the others look at their shares at once
+RELEASED_CHANNEL = "delivery_released"
+#: what :func:`ask` may ask for
+ASKS = frozenset(("retry", "enable", "rewind"))
 
 _TXN_COLUMNS = (
     "service_id, txn_id, body, event_count, first_stream_id, last_stream_id, created_ts,"
@@ -212,6 +218,11 @@ def sorter_position() -> Steps[int]:
     return int(row[0])
 
 
+def newest_stream_id() -> Steps[int]:
+    row = yield Query("SELECT MAX(stream_id) FROM events", fetch="one")
+    return int(row[0]) if row and row[0] is not None else 0
+
+
 def commit_sorted(
     position: int,
     queue: Sequence[tuple[str, int]],
@@ -281,6 +292,44 @@ def queued_payload(service_ids: set[str]) -> str:
     """The services that were queued events, for :data:`QUEUED_CHANNEL` ("": maybe any)."""
     payload = json.dumps(sorted(service_ids), separators=(",", ":"))
     return payload if len(payload.encode()) <= _MAX_PAYLOAD else ""
+
+
+def ask(service_id: str, action: str) -> Steps[None]:
+    """
+    Tell the process sending to the service (whichever it is) to do ``action`` (one of
+    :data:`ASKS`). ``enable`` also makes a disabled service's recorded state
+    ``recovering`` in the same transaction, so that a process that takes the service over
+    meanwhile starts it enabled.
+    """
+    if action not in ASKS:
+        raise ValueError(f"cannot ask for {action!r}: only {', '.join(sorted(ASKS))}")
+    if action == "enable":
+        yield Query(
+            "UPDATE services SET state = 'recovering' WHERE service_id = ? AND state = 'disabled'",
+            (service_id,),
+            fetch="none",
+        )
+    yield Notify(ASKED_CHANNEL, asked_payload(service_id, action))
+
+
+def asked_payload(service_id: str, action: str) -> str:
+    """The payload of :data:`ASKED_CHANNEL` ("": maybe anything, of any service)."""
+    payload = json.dumps({"service": service_id, "action": action}, separators=(",", ":"))
+    return payload if len(payload.encode()) <= _MAX_PAYLOAD else ""
+
+
+def asked(payload: str | None) -> tuple[str, str] | None:
+    """What :func:`asked_payload` says (None: maybe anything, of any service)."""
+    try:
+        said = json.loads(payload) if payload else None
+    except ValueError:
+        return None
+    if not isinstance(said, dict):
+        return None
+    service_id, action = said.get("service"), said.get("action")
+    if not isinstance(service_id, str) or action not in ASKS:
+        return None
+    return service_id, action
 
 
 def sorter_lag() -> Steps[tuple[int, float | None]]:

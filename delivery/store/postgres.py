@@ -260,6 +260,8 @@ class PostgresStore(GeneratorStore):
         self._pool: Pool | None = None
         self._observers: list[Callable[[], None]] = []
         self._queued_observers: list[Callable[[list[str] | None], None]] = []
+        self._asked_observers: list[Callable[[tuple[str, str] | None], None]] = []
+        self._released_observers: list[Callable[[], None]] = []
         #: since when and why connections are down
         self._outage: _Outage | None = None
 
@@ -291,7 +293,14 @@ class PostgresStore(GeneratorStore):
             self._pool = pool
         # A migration may take long on a big database: it is not bounded.
         self._migrated(await self._operation(_sql.migrate(self.dialect), None))
-        await self._connect(pool.listen(_sql.EVENTS_CHANNEL, _sql.QUEUED_CHANNEL))
+        await self._connect(
+            pool.listen(
+                _sql.EVENTS_CHANNEL,
+                _sql.QUEUED_CHANNEL,
+                _sql.ASKED_CHANNEL,
+                _sql.RELEASED_CHANNEL,
+            )
+        )
 
     async def _connect(self, connecting: Awaitable[None]) -> None:
         """Wait for ``connecting``; a failure as what to fix, or as unavailable."""
@@ -330,6 +339,13 @@ class PostgresStore(GeneratorStore):
             service_ids = _queued(payload)
             for callback in list(self._queued_observers):
                 callback(service_ids)
+        elif channel == _sql.ASKED_CHANNEL:
+            asked = _sql.asked(payload)
+            for told in list(self._asked_observers):
+                told(asked)
+        elif channel == _sql.RELEASED_CHANNEL:
+            for look in list(self._released_observers):
+                look()
 
     def _wake(self) -> None:
         for observer in list(self._observers):
@@ -341,7 +357,16 @@ class PostgresStore(GeneratorStore):
     def on_queued(self, callback: Callable[[list[str] | None], None]) -> None:
         self._queued_observers.append(callback)
 
+    def on_asked(self, callback: Callable[[tuple[str, str] | None], None]) -> None:
+        self._asked_observers.append(callback)
+
+    def on_released(self, callback: Callable[[], None]) -> None:
+        self._released_observers.append(callback)
+
     # -- running operations --
+
+    def _is_open(self) -> bool:
+        return self._pool is not None
 
     def _run(self, operation: Callable[..., _sql.Steps[T]], *args: Any) -> Deferred[T]:
         if self._pool is None:

@@ -206,6 +206,9 @@ class SQLiteStore(GeneratorStore):
     def __repr__(self) -> str:
         return f"<SQLiteStore {self.path!r}>"
 
+    def _is_open(self) -> bool:
+        return self._pool is not None
+
     def _run(self, operation: Callable[..., _sql.Steps[T]], *args: Any) -> Deferred[T]:
         """Run ``operation(*args)`` atomically, in the next group of operations."""
         if self._pool is None:
