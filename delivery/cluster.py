@@ -13,7 +13,10 @@ then takes or gives back leases so that each live node holds about its share: th
 services are ranked for each node by rendezvous hashing, a node above its share
 (``ceil(services / live nodes)``) gives back those ranked lowest for it, one below takes
 free or expired ones, those ranked highest first. While membership does not change,
-nothing moves.
+nothing moves. A node that sees a lease held elsewhere, or another node's heartbeat, run
+out before its next renewal (its holder stopped renewing) looks again just after that
+moment, so a dead node's leases are taken over within ``lease_ttl`` of its last renewal;
+leases given back (a clean stop) are announced, and taken at once.
 
 A node stops using a lease ``lease_ttl / 3`` before it could expire unless a renewal
 succeeded meanwhile (self-fencing: the deadline is counted from when the renewal was
@@ -64,6 +67,8 @@ log = Logger()
 ROUTER = "router"
 #: what a service's lease is named after
 SERVICE_PREFIX = "service:"
+#: how long after a lease's expiry a node that waits for it looks, seconds
+EXPIRY_STEP = 0.01
 
 
 def default_node_id() -> str:
@@ -193,6 +198,8 @@ class ClusterMember:
         self._ticking: Deferred[None] | None = None
         #: tick again at once once the one running ends
         self._again = False
+        #: when to tick before the next renewal is due: see _next_change
+        self._look_at: float | None = None
         self._stopped = True
         store.on_released(self._released)
         #: one change of leases at a time (a tick, a loss, the stop)
@@ -260,8 +267,12 @@ class ClusterMember:
         if self._again:
             self._again = False
             self._begin()
-        else:
-            self._timer = self._clock.callLater(self.options.renew_every, self._begin)
+            return
+        delay = self.options.renew_every
+        if self._look_at is not None:
+            # (just past the moment: expiry and age are judged strictly)
+            delay = min(delay, max(0.0, self._look_at - self._clock.seconds()) + EXPIRY_STEP)
+        self._timer = self._clock.callLater(delay, self._begin)
 
     def _released(self) -> None:
         """Another node gave leases back or left: look at the shares now, not later."""
@@ -315,6 +326,7 @@ class ClusterMember:
         if self.held:
             self._extend(sent + ttl - self.options.margin)
         now = self._clock.seconds()
+        self._look_at = self._next_change(now)
         live = sorted(
             {n.node_id for n in nodes if n.alive and not self._gone_here(n)}
             | {self.options.node_id}
@@ -351,6 +363,25 @@ class ClusterMember:
         services = sorted((n for n in free if n != ROUTER), key=preferred_by_me, reverse=True)
         if router or (room > 0 and services):
             await self._take(router + services[: max(room, 0)], sent)
+
+    def _next_change(self, now: float) -> float | None:
+        """
+        When a lease held elsewhere expires, or another node's heartbeat gets too old, if
+        that comes before the next renewal: a node that stopped renewing. The next tick
+        comes then, so that its leases are taken over within ``lease_ttl`` of its last
+        renewal rather than up to a renewal period later. (A live node renews every
+        ``lease_ttl / 3``: its leases and heartbeat stay further ahead than that.)
+        """
+        ttl = self.options.lease_ttl
+        me = self.options.node_id
+        ahead = [
+            lease.expires_ts
+            for lease in self.leases.values()
+            if lease.owner not in (None, me) and lease.expires_ts is not None
+        ]
+        ahead += [n.heartbeat_ts + ttl for n in self.nodes if n.node_id != me and n.alive]
+        soon = [t for t in ahead if now <= t < now + self.options.renew_every]
+        return min(soon) if soon else None
 
     def _takeable(self, lease: LeaseInfo | None, now: float) -> bool:
         if lease is None:

@@ -464,3 +464,47 @@ async def test_leases_given_back_are_taken_at_once_not_at_the_next_renewal(
         view = await b.cluster()
         assert view is not None
         assert [n.node_id for n in view.nodes] == ["b"]  # a left in the same transaction
+
+
+@on_postgres
+@pytest_twisted.ensureDeferred
+async def test_a_dead_nodes_leases_are_taken_when_they_expire_not_a_renewal_later(
+    pg_url: str, reactor: Any
+) -> None:
+    clock = Clock()
+    clock.advance(1000.0)
+    a, _ = node(pg_url, reactor, clock, "a")
+    b, _ = node(pg_url, reactor, clock, "b")
+    everything = {ROUTER, *(f"service:{s}" for s in SERVICES)}
+
+    async def step(seconds: float) -> None:
+        """The clock moves on; b's tick, if one came, is done."""
+        clock.advance(seconds)
+        member = b._member
+        assert member is not None
+        if member._ticking is not None:
+            await member._ticking
+
+    a.startService()
+    await a.started()
+    try:
+        assert a.leases_held == everything  # until 1015 unless renewed
+        a_member = a._member
+        assert a_member is not None
+        assert a_member._timer is not None
+        a_member._timer.cancel()  # a is paused (on another host: its pid looks alive)
+        await step(2.0)
+        b.startService()
+        await b.started()  # b's first tick, at 1002: nothing free
+        for _ in range(2):
+            await step(5.0)  # its renewals, at 1007 and 1012
+        assert b.leases_held == frozenset()
+        await step(2.99)  # 1014.99: not expired yet
+        assert b.leases_held == frozenset()
+        await step(0.03)  # just past 1015, two seconds before b's next renewal
+        assert b.leases_held == everything
+    finally:
+        if a_member is not None:
+            a_member._stopped = True
+        await a.stopService()
+        await b.stopService()
