@@ -72,6 +72,25 @@ def node(
     return service, recorder
 
 
+def answering(modes: dict[str, str]) -> dict[str, ScriptedSender]:
+    """
+    A sender per service, shared by the nodes, that answers as ``modes`` says at the time:
+    ``ok``, ``gone`` (410), ``down`` (503) or ``picky`` (400 to a transaction with $e12).
+    """
+
+    def answer(txn: StoredTransaction) -> SendResult:
+        mode = modes[txn.service_id]
+        if mode == "gone":
+            return failure(410)
+        if mode == "down":
+            return failure(503)
+        if mode == "picky" and b'"$e12"' in txn.body:
+            return failure(400)
+        return OK
+
+    return {s: ScriptedSender(answer) for s in SERVICES}
+
+
 def drop_listeners(url: str) -> int:
     """End the connections that LISTEN to the database (each store has one); how many."""
     connection = psycopg2.connect(url)
@@ -239,20 +258,8 @@ async def test_events_ingested_anywhere_reach_every_owner(pg_url: str, reactor: 
 async def test_an_operator_may_ask_any_node_to_enable_retry_or_redrive(
     pg_url: str, reactor: Any
 ) -> None:
-    # what each service's receiver answers, whichever node sends
     modes = dict.fromkeys(SERVICES, "ok")
-
-    def answer(txn: StoredTransaction) -> SendResult:
-        mode = modes[txn.service_id]
-        if mode == "gone":
-            return failure(410)
-        if mode == "down":
-            return failure(503)
-        if mode == "picky" and b'"$e12"' in txn.body:
-            return failure(400)
-        return OK
-
-    senders = {s: ScriptedSender(answer) for s in SERVICES}
+    senders = answering(modes)
     # (the clock stands still: no backoff ends, no probe comes, no heartbeat reads queues)
     async with two_nodes(pg_url, reactor, senders, reject_attempts=1) as (a, a_seen, b, _):
         gone, down, picky = sorted(services_of(a))
@@ -295,11 +302,7 @@ async def test_an_enable_missed_while_not_listening_is_found_when_listening_agai
     pg_url: str, reactor: Any
 ) -> None:
     modes = dict.fromkeys(SERVICES, "ok")
-
-    def answer(txn: StoredTransaction) -> SendResult:
-        return failure(410) if modes[txn.service_id] == "gone" else OK
-
-    senders = {s: ScriptedSender(answer) for s in SERVICES}
+    senders = answering(modes)
     async with two_nodes(pg_url, reactor, senders) as (a, a_seen, b, _):
         gone = sorted(services_of(a))[0]
         modes[gone] = "gone"
