@@ -523,7 +523,7 @@ class Gone:
     def send(self, txn: Any) -> Deferred[SendResult]:
         return succeed(SendResult(ok=False, status=410, error="gone (benchmark)"))
 
-    def ping(self) -> Deferred[SendResult]:
+    def ping(self, transaction_id: str | None = None) -> Deferred[SendResult]:
         return succeed(SendResult(ok=False, status=410, error="gone (benchmark)"))
 
 

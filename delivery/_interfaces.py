@@ -354,7 +354,9 @@ class SendResult:
 
     ``status`` is the HTTP status, or None when no answer came (connection refused or
     reset, timeout); ``error`` says what went wrong in words an operator can act on;
-    ``retry_after`` is the receiver's ``Retry-After`` in seconds from now, if it gave one.
+    ``retry_after`` is the receiver's ``Retry-After`` in seconds from now, if it gave one;
+    ``body`` the start of an error answer (secrets of the service replaced);
+    ``timed_out`` whether no complete answer came within the request's time.
     """
 
     ok: bool
@@ -362,6 +364,8 @@ class SendResult:
     error: str | None = None
     retry_after: float | None = None
     duration: float = 0.0
+    body: str | None = None
+    timed_out: bool = False
 
 
 class ISender(Interface):
@@ -370,8 +374,11 @@ class ISender(Interface):
     def send(txn: StoredTransaction) -> Deferred[SendResult]:
         """Send a stored transaction. Never fails: the outcome is in the result."""
 
-    def ping() -> Deferred[SendResult]:
-        """Check whether the receiver answers at all."""
+    def ping(transaction_id: str | None = None) -> Deferred[SendResult]:
+        """
+        Check whether the receiver answers at all (a probe, with no ``transaction_id``; an
+        operator's ping may give one, passed on as the Matrix ping's).
+        """
 
 
 class IDeliveryObserver(Interface):

@@ -179,6 +179,13 @@ class Services:
         for stopping in list(self._stopping.values()):
             await stopping
 
+    def sender_for(self, registration: Registration) -> ISender | None:
+        """The service's sender (here, or a new one if another node sends to it), if any."""
+        handle = self._handles.get(registration.id)
+        if handle is not None:
+            return handle.sender
+        return self._sender(registration) if self.sends(registration) else None
+
     def _sender(self, registration: Registration) -> ISender:
         sender = self._senders.get(registration.id)
         if sender is None:

@@ -42,6 +42,7 @@ from .errors import (
     DeliveryError,
     InvalidEventError,
     NotAcceptingEventsError,
+    NoURLError,
     ServiceRegisteredError,
     StoreUnavailableError,
     UnknownServiceError,
@@ -154,6 +155,9 @@ class Api(resource.Resource):
             ),
             _Route(b"DELETE", re.compile(rf"/v1/services/{segment}/queue"), "admin", self.purge),
             _Route(b"POST", re.compile(rf"/v1/services/{segment}/enable"), "admin", self.enable),
+            _Route(
+                b"POST", re.compile(rf"/v1/services/{segment}/ping"), "admin", self.ping, body=True
+            ),
             _Route(
                 b"GET",
                 re.compile(rf"/v1/services/{segment}/dead-letters"),
@@ -382,6 +386,34 @@ class Api(resource.Resource):
     async def enable(self, request: server.Request, service_id: str) -> tuple[int, Any]:
         await self.delivery.enable(service_id)
         return 200, {}
+
+    async def ping(self, request: server.Request, service_id: str) -> tuple[int, Any]:
+        """As a homeserver's ``POST /_matrix/client/v1/appservice/{id}/ping`` answers."""
+        transaction_id = None
+        if self._raw_body(request).strip():
+            body = self._json_body(request)
+            transaction_id = body.get("transaction_id") if isinstance(body, dict) else None
+            if not isinstance(body, dict) or not isinstance(transaction_id, str | None):
+                raise ApiError(
+                    400, "M_BAD_JSON", 'the body must be {} or {"transaction_id": "a string"}'
+                )
+        try:
+            result = await self.delivery.ping(service_id, transaction_id)
+        except NoURLError as e:
+            raise ApiError(400, "M_URL_NOT_SET", str(e)) from None
+        if result.ok:
+            return 200, {"duration_ms": int(result.duration * 1000)}
+        error = result.error or "no answer"
+        if result.status is not None:
+            return 502, {
+                "errcode": "M_BAD_STATUS",
+                "error": error,
+                "status": result.status,
+                "body": result.body or "",
+            }
+        if result.timed_out:
+            return 504, {"errcode": "M_CONNECTION_TIMEOUT", "error": error}
+        return 502, {"errcode": "M_CONNECTION_FAILED", "error": error}
 
     async def list_dead_letters(self, request: server.Request, service_id: str) -> tuple[int, Any]:
         return await self._page(

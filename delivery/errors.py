@@ -93,6 +93,14 @@ class ServiceRegisteredError(DeliveryError):
         )
 
 
+class NoURLError(DeliveryError):
+    """The service has no URL (nor a sender of its own): there is nothing to ping."""
+
+    def __init__(self, service_id: str) -> None:
+        self.service_id = service_id
+        super().__init__(f"service {service_id!r} has no URL: nothing is sent to it")
+
+
 class NotAcceptingEventsError(DeliveryError):
     """
     ``submit()`` or ``replay()`` on a service that reads its events from an outside source

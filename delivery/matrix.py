@@ -10,8 +10,10 @@ transaction's sending together when transactions are small and many.
 from __future__ import annotations
 
 import email.utils
+import json
 import sys
 from typing import Any
+from urllib.parse import quote
 
 from hyperlink import URL
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
@@ -100,14 +102,26 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     return max(0.0, when.timestamp() - now)
 
 
+def _cause(failure: Failure) -> Failure:
+    """What made a request fail: the first reason of a response never (or not all) received."""
+    while failure.check(ResponseNeverReceived, ResponseFailed):
+        reasons = getattr(failure.value, "reasons", [])
+        if not reasons:
+            break
+        failure = reasons[0]
+    return failure
+
+
+def timed_out(failure: Failure) -> bool:
+    """Whether a request failed for want of a complete answer in time."""
+    return _cause(failure).check(TimeoutError, CancelledError) is not None
+
+
 def describe_failure(failure: Failure, timeout: float) -> str:
     """Words an operator can act on for a request that got no answer."""
+    failure = _cause(failure)
     if failure.check(TimeoutError, CancelledError):
         return f"no complete answer within {timeout:g} s"
-    if failure.check(ResponseNeverReceived, ResponseFailed):
-        reasons = getattr(failure.value, "reasons", [])
-        if reasons:
-            return describe_failure(reasons[0], timeout)
     if failure.check(ConnectionRefusedError):
         return "connection refused"
     if failure.check(ConnectionLost, ConnectionDone):
@@ -134,12 +148,17 @@ def describe_answer(status: int, body: bytes, secrets: tuple[str, ...] = ()) -> 
     ``secrets`` (a receiver may echo our request's headers) replaced before it is cut, so
     that no part of a secret is kept either.
     """
+    text = answer_text(body, secrets)
+    return f"HTTP {status}" + (f": {text}" if text else "")
+
+
+def answer_text(body: bytes, secrets: tuple[str, ...] = ()) -> str:
+    """The start of an answer as text, every secret in ``secrets`` replaced before the cut."""
     text = body.decode("utf-8", "replace")
     for secret in secrets:
         if secret:
             text = text.replace(secret, REDACTED)
-    text = text[:ERROR_TEXT_LIMIT].strip()
-    return f"HTTP {status}" + (f": {text}" if text else "")
+    return text[:ERROR_TEXT_LIMIT].strip()
 
 
 class _QuietFactory(_HTTP11ClientFactory):
@@ -196,28 +215,37 @@ class MatrixSender:
                 b"Content-Type": [b"application/json"],
             }
         )
+        #: after every path: the token again, for receivers that read it from the query
+        self._query = (
+            b"?access_token=" + quote(registration.hs_token, safe="").encode("ascii")
+            if registration.options.legacy_authorization
+            else b""
+        )
 
     def send(self, txn: StoredTransaction) -> Deferred[SendResult]:
         return self._request(b"PUT", b"/_matrix/app/v1/transactions/%d" % txn.txn_id, txn.body)
 
-    def ping(self) -> Deferred[SendResult]:
-        return self._request(b"POST", b"/_matrix/app/v1/ping", b"{}")
+    def ping(self, transaction_id: str | None = None) -> Deferred[SendResult]:
+        body = {} if transaction_id is None else {"transaction_id": transaction_id}
+        return self._request(b"POST", b"/_matrix/app/v1/ping", json.dumps(body).encode())
 
     def _request(self, method: bytes, path: bytes, body: bytes) -> Deferred[SendResult]:
         timeout = self.registration.options.request_timeout
         start = self._clock.seconds()
-        d = Deferred.fromCoroutine(self._exchange(method, self._base + path, body))
+        d = Deferred.fromCoroutine(self._exchange(method, self._base + path + self._query, body))
         d.addTimeout(timeout, self._clock)
 
         def done(result: tuple[int, bytes, str | None]) -> SendResult:
             status, answer, retry_after = result
             ok = 200 <= status < 300
+            text = None if ok else answer_text(answer, self._secrets)
             return SendResult(
                 ok=ok,
                 status=status,
-                error=None if ok else describe_answer(status, answer, self._secrets),
+                error=None if text is None else f"HTTP {status}" + (f": {text}" if text else ""),
                 retry_after=parse_retry_after(retry_after, self._clock.seconds()),
                 duration=self._clock.seconds() - start,
+                body=text,
             )
 
         def failed(failure: Failure) -> SendResult:
@@ -225,6 +253,7 @@ class MatrixSender:
                 ok=False,
                 error=describe_failure(failure, timeout),
                 duration=self._clock.seconds() - start,
+                timed_out=timed_out(failure),
             )
 
         return d.addCallbacks(done, failed)

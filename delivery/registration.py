@@ -2,8 +2,10 @@
 Application-service registrations, read from Matrix registration YAML.
 
 Existing bridge registration files load unchanged: keys we do not use (``protocols``,
-``rate_limited``, ``de.sorunome.msc2409.push_ephemeral``, …) are accepted. Our own options
-(batching, retry, probing) live under an optional ``delivery:`` key.
+``rate_limited``, …) are accepted. The opt-ins to ephemeral data (``receive_ephemeral``,
+``de.sorunome.msc2409.push_ephemeral``) and to MSC3202's device data
+(``org.matrix.msc3202``) are read, and must be booleans. Our own options (batching, retry,
+probing) live under an optional ``delivery:`` key.
 """
 
 from __future__ import annotations
@@ -127,6 +129,9 @@ class DeliveryOptions:
     probe_interval: float = attrs.field(default=5.0, validator=_seconds)
     #: whether a DOWN service is probed at all
     probe: bool = attrs.field(default=True, validator=_boolean)
+    #: also send ``hs_token`` as ``?access_token=`` (old receivers read it only there;
+    #: Synapse's ``use_appservice_legacy_authorization``); the header always goes
+    legacy_authorization: bool = attrs.field(default=False, validator=_boolean)
     #: connect timeout of one request, seconds
     connect_timeout: float = attrs.field(default=10.0, validator=_seconds)
     #: whole-request timeout (headers and body), seconds; on a cluster node at most two
@@ -184,6 +189,12 @@ class Registration:
     rooms: tuple[Namespace, ...] = ()
     aliases: tuple[Namespace, ...] = ()
     options: DeliveryOptions = DeliveryOptions()
+    #: wants ephemeral data (typing, receipts, presence; ``receive_ephemeral``, Matrix 1.13)
+    receive_ephemeral: bool = False
+    #: wants it under the unstable names (``de.sorunome.msc2409.push_ephemeral``, MSC2409)
+    push_ephemeral: bool = False
+    #: wants device lists and key counts (``org.matrix.msc3202``, MSC3202)
+    msc3202: bool = False
 
     @classmethod
     def from_dict(
@@ -315,6 +326,14 @@ def _parse(data: object, source: str, defaults: DeliveryOptions) -> Registration
                 raise fail(f"{where}.regex", f"is not a valid regular expression: {e}") from None
         parsed[kind] = tuple(items)
 
+    def flag(key: str) -> bool:
+        value = data.get(key)
+        if value is None:
+            return False
+        if not isinstance(value, bool):
+            raise fail(key, f"must be true or false, not {_describe(value)}")
+        return value
+
     raw_options = optional("delivery", Mapping, {})
     try:
         options = parse_options(raw_options, defaults)
@@ -331,6 +350,9 @@ def _parse(data: object, source: str, defaults: DeliveryOptions) -> Registration
         rooms=parsed["rooms"],
         aliases=parsed["aliases"],
         options=options,
+        receive_ephemeral=flag("receive_ephemeral"),
+        push_ephemeral=flag("de.sorunome.msc2409.push_ephemeral"),
+        msc3202=flag("org.matrix.msc3202"),
     )
 
 

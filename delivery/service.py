@@ -17,7 +17,7 @@ from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
 from ._backoff import BackoffPolicy
-from ._interfaces import IDeliveryObserver, IEventSource, ISender, IStore
+from ._interfaces import IDeliveryObserver, IEventSource, ISender, IStore, SendResult
 from ._log import Logger
 from ._observers import Observers
 from ._replay import Replayer, ReplayRange
@@ -27,6 +27,7 @@ from .cluster import ROUTER, SERVICE_PREFIX, Cluster, ClusterMember
 from .errors import (
     DeliveryError,
     NotAcceptingEventsError,
+    NoURLError,
     ServiceRegisteredError,
     StoreUnavailableError,
     UnknownServiceError,
@@ -583,6 +584,27 @@ class DeliveryService(Service):
         if service_id not in self.registrations:
             raise UnknownServiceError(service_id)
         await self._ask(service_id, "retry")
+
+    @deferred
+    async def ping(self, service_id: str, transaction_id: str | None = None) -> SendResult:
+        """
+        Ping the service's receiver now (``POST /_matrix/app/v1/ping``, with
+        ``transaction_id`` if given) and say how it answered: ``ok`` and the ``duration``,
+        or the ``status`` and start of the ``body`` of another answer, or the ``error`` of
+        none (``timed_out`` if it took longer than ``request_timeout``). Nothing changes:
+        the service's state and backoff are the recoverer's. Any node of a cluster pings.
+
+        :raises UnknownServiceError: if no registered service has this id.
+        :raises NoURLError: if the service has no URL.
+        """
+        await self._started()
+        registration = self.registrations.get(service_id)
+        if registration is None:
+            raise UnknownServiceError(service_id)
+        sender = self._services.sender_for(registration)
+        if sender is None:
+            raise NoURLError(service_id)
+        return await sender.ping(transaction_id)
 
     @deferred
     async def routed(self) -> None:

@@ -221,6 +221,8 @@ class ScriptedSender:
         self.transactions: list[StoredTransaction] = []
         #: how many times :meth:`ping` was called
         self.pings = 0
+        #: the ``transaction_id`` of each ping, in order (None for a probe)
+        self.ping_ids: list[str | None] = []
 
     def send(self, txn: StoredTransaction) -> Deferred[SendResult]:
         self.transactions.append(txn)
@@ -228,8 +230,9 @@ class ScriptedSender:
             return self._answer(self._answers(txn))
         return self._answer(self._answers[min(len(self.transactions), len(self._answers)) - 1])
 
-    def ping(self) -> Deferred[SendResult]:
+    def ping(self, transaction_id: str | None = None) -> Deferred[SendResult]:
         self.pings += 1
+        self.ping_ids.append(transaction_id)
         if callable(self._ping_answers):
             return self._answer(self._ping_answers())
         return self._answer(self._ping_answers[min(self.pings, len(self._ping_answers)) - 1])

@@ -24,6 +24,8 @@ class Received:
     txn_id: str
     body: bytes
     headers: dict[str, list[str]]
+    #: the query string's arguments
+    args: dict[str, list[str]] = attrs.Factory(dict)
 
     @property
     def events(self) -> list[dict[str, Any]]:
@@ -121,7 +123,8 @@ class Receiver(resource.Resource):
             for k, vs in request.requestHeaders.getAllRawHeaders()
         }
         body = request.content.read() if request.content is not None else b""
-        received = Received(path.rsplit("/", 1)[-1], body, headers)
+        args = {k.decode(): [v.decode() for v in vs] for k, vs in (request.args or {}).items()}
+        received = Received(path.rsplit("/", 1)[-1], body, headers, args)
         if path == "/_matrix/app/v1/ping" and request.method == b"POST":
             self.pings.append(received)
         elif path.startswith("/_matrix/app/v1/transactions/") and request.method == b"PUT":

@@ -516,6 +516,69 @@ async def test_service_status_follows_the_events(tmp_path, reactor, receiver):
         await running.daemon.stopService()
 
 
+def _closed_port() -> int:
+    """A port of 127.0.0.1 nothing listens on (a connection is refused)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest_twisted.ensureDeferred
+async def test_ping_answers_as_a_homeserver_does(tmp_path, reactor, receiver):
+    registrations = [
+        register(tmp_path, "a", receiver.url, users="@a_.*", **SLOW),
+        register(tmp_path, "quick", receiver.url, users="@q_.*", request_timeout=0.5, **SLOW),
+        register(tmp_path, "nourl", None, users="@n_.*"),
+        register(tmp_path, "closed", f"http://127.0.0.1:{_closed_port()}", users="@c_.*"),
+    ]
+    running = await start(tmp_path, reactor, registrations)
+    try:
+        answer = await call(running, "POST", "/v1/services/a/ping")
+        assert answer.status == 200, answer.json()
+        assert set(answer.json()) == {"duration_ms"}
+        assert isinstance(answer.json()["duration_ms"], int)
+        assert receiver.pings[-1].body == b"{}"
+        answer = await call(running, "POST", "/v1/services/a/ping", {"transaction_id": "t-1"})
+        assert answer.status == 200
+        assert json.loads(receiver.pings[-1].body) == {"transaction_id": "t-1"}
+
+        # another answer: its status and the start of its body, our secrets hidden
+        receiver.then(500, body=f'{{"error": "no", "echo": "{HS_TOKEN}"}}'.encode())
+        answer = await call(running, "POST", "/v1/services/a/ping")
+        assert (answer.status, answer.errcode) == (502, "M_BAD_STATUS")
+        assert answer.json()["status"] == 500
+        assert answer.json()["body"] == '{"error": "no", "echo": "<redacted>"}'
+        assert answer.json()["error"].startswith("HTTP 500")
+        # no answer in time, no connection, no URL
+        receiver.then(hang=True)
+        answer = await call(running, "POST", "/v1/services/quick/ping")
+        assert (answer.status, answer.errcode) == (504, "M_CONNECTION_TIMEOUT")
+        assert answer.json()["error"] == "no complete answer within 0.5 s"
+        receiver.release()
+        answer = await call(running, "POST", "/v1/services/closed/ping")
+        assert (answer.status, answer.errcode) == (502, "M_CONNECTION_FAILED")
+        assert answer.json()["error"] == "connection refused"
+        answer = await call(running, "POST", "/v1/services/nourl/ping")
+        assert (answer.status, answer.errcode) == (400, "M_URL_NOT_SET")
+        assert "has no URL" in answer.json()["error"]
+        # what is not a ping
+        not_pings: list[Any] = [[], {"transaction_id": 7}, "x"]
+        for body in not_pings:
+            answer = await call(running, "POST", "/v1/services/a/ping", body)
+            assert (answer.status, answer.errcode) == (400, "M_BAD_JSON"), body
+        answer = await call(running, "POST", "/v1/services/nope/ping")
+        assert (answer.status, answer.errcode) == (404, "M_NOT_FOUND")
+        answer = await call(running, "POST", "/v1/services/a/ping", token=INGEST)
+        assert (answer.status, answer.errcode) == (401, "M_UNKNOWN_TOKEN")
+        # a ping changes nothing: no state, no retry, nothing sent
+        assert (await status_of(running, "a"))["state"] == "up"
+        assert receiver.requests == []
+    finally:
+        await running.daemon.stopService()
+
+
 @pytest_twisted.ensureDeferred
 async def test_retry_sends_to_a_down_service_at_once(tmp_path, reactor, receiver):
     receiver.then(503)

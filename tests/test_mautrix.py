@@ -417,6 +417,39 @@ async def test_mautrix_answers_our_probe(
     assert mautrix.event_ids == ["$e0", "$e1", "$e2"]
 
 
+@pytest_twisted.ensureDeferred
+async def test_an_operators_ping_reaches_mautrix(
+    store: Any, reactor: Any, mautrix: MautrixReceiver
+) -> None:
+    """``ping()`` is mautrix's ``POST /_matrix/app/v1/ping``: 200, or its refusal of our token."""
+    good = registration("bridge", mautrix.url, users="@alice:.*")
+    wrong: Registration = attrs.evolve(
+        registration("other", mautrix.url, users="@bob:.*"), hs_token="not-the-hs-token"
+    )
+    service, _recorder, _clock = make_service(store, [good, wrong], reactor)
+    service.startService()
+    try:
+        await service.started()
+        ok = await service.ping("bridge", "ping-txn-1")
+        refused = await service.ping("other")
+        await mautrix.wait_for_answers(2)
+        status = await service.status("bridge")
+    finally:
+        await service.stopService()
+
+    assert (ok.ok, ok.status, ok.timed_out) == (True, 200, False)
+    assert ok.duration >= 0
+    assert (refused.ok, refused.status) == (False, 401)
+    assert refused.body is not None
+    assert "M_UNKNOWN_TOKEN" in refused.body
+    assert [(a.method, a.path, a.status) for a in mautrix.answered] == [
+        ("POST", "/_matrix/app/v1/ping", 200),
+        ("POST", "/_matrix/app/v1/ping", 401),
+    ]
+    assert status.state == "up"  # a ping changes nothing
+    assert mautrix.handled == []
+
+
 def test_matrix_event_deserializes() -> None:
     """The events these tests send are valid for mautrix on their own (no network)."""
     parsed = Event.deserialize(matrix_event(7))

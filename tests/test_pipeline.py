@@ -35,9 +35,35 @@ async def test_one_event_is_sent_at_once_with_matrix_headers(db_url, reactor, re
         assert request.events[0] == event(1)
         assert request.headers["authorization"] == ["Bearer hs-secret-token"]
         assert request.headers["content-type"] == ["application/json"]
+        assert request.args == {}  # the token in the header only (no legacy_authorization)
         status = await service.status("a")
         assert status.state == "up"
         assert status.stored_transactions == 0
+    finally:
+        await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_legacy_authorization_also_puts_the_token_in_the_query(db_url, reactor, receiver):
+    # (off by default: the test above sees no query; on, the header still goes too)
+    regs = [
+        registration("a", receiver.url, users="@alice:.*", legacy_authorization=True),
+        registration("b", receiver.url, users="@bob:.*"),
+    ]
+    service, recorder, _ = started(db_url, reactor, regs)
+    try:
+        await service.submit([event(1), event(2, sender="@bob:hs")])
+        await recorder.wait_for(lambda: len(recorder.results) == 2)
+        pinged = await service.ping("a", "p-1")
+        by_service = {
+            tuple(r.event_ids): r for r in receiver.requests
+        }  # (the order of the two services' first sends is theirs)
+        legacy, plain = by_service[("$e1",)], by_service[("$e2",)]
+        assert legacy.args == {"access_token": ["hs-secret-token"]}
+        assert legacy.headers["authorization"] == ["Bearer hs-secret-token"]
+        assert plain.args == {}
+        assert receiver.pings[-1].args == {"access_token": ["hs-secret-token"]}
+        assert pinged.ok
     finally:
         await service.stopService()
 
@@ -534,7 +560,7 @@ class Watched:
         self.sends.append((txn.txn_id, list(self._store.forgotten)))
         return self._sender.send(txn)
 
-    def ping(self) -> Any:
+    def ping(self, transaction_id: str | None = None) -> Any:
         return self._sender.ping()
 
 

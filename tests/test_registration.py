@@ -131,6 +131,8 @@ def test_mautrix_telegram_registration_loads_unchanged(tmp_path: Path) -> None:
     assert [(n.regex, n.exclusive) for n in reg.aliases] == [(r"\#telegram_.*:example\.com", True)]
     assert reg.aliases[0].pattern.match("#telegram_123:example.com")
     assert reg.options == DeliveryOptions()
+    # (its ``push_ephemeral`` without a prefix is no key of any spec: it is left alone)
+    assert (reg.receive_ephemeral, reg.push_ephemeral, reg.msc3202) == (False, True, False)
 
 
 def test_mautrix_whatsapp_registration_loads_unchanged(tmp_path: Path) -> None:
@@ -145,6 +147,14 @@ def test_mautrix_whatsapp_registration_loads_unchanged(tmp_path: Path) -> None:
     assert all(n.exclusive for n in reg.users)
     assert reg.rooms == reg.aliases == ()
     assert reg.options == DeliveryOptions()
+    assert (reg.receive_ephemeral, reg.push_ephemeral, reg.msc3202) == (True, True, True)
+
+
+def test_without_opt_ins_a_registration_wants_no_ephemeral_or_device_data() -> None:
+    reg = Registration.from_dict(VALID)
+    assert (reg.receive_ephemeral, reg.push_ephemeral, reg.msc3202) == (False, False, False)
+    nulls = {"receive_ephemeral": None, "org.matrix.msc3202": None}
+    assert Registration.from_dict(mutated(**nulls)) == reg
 
 
 def test_from_dict_and_from_file_agree(tmp_path: Path) -> None:
@@ -276,6 +286,12 @@ def test_a_token_of_the_wrong_type_is_not_echoed(key: str, value: object) -> Non
 # -- what does not load --
 
 INVALID: list[Any] = [
+    # the opt-ins to ephemeral and device data are booleans
+    *[
+        (mutated(**{key: value}), key, f"must be true or false, not {words}")
+        for key in ("receive_ephemeral", "de.sorunome.msc2409.push_ephemeral", "org.matrix.msc3202")
+        for value, words in (("yes", "the string 'yes'"), (1, "the number 1"), ([], "a list"))
+    ],
     # required strings
     *[
         (mutated(**{key: ...}), key, "is required")

@@ -58,6 +58,7 @@ PUBLIC_NAMES = [
     "InvalidStoreURLError",
     "LeaseInfo",
     "Namespace",
+    "NoURLError",
     "NodeInfo",
     "NotAcceptingEventsError",
     "PassResult",
